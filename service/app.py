@@ -1,0 +1,129 @@
+"""The Starlette application: `create_app(settings)` and the lifespan that owns its resources."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import redis.exceptions
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from service.auth import Authenticator
+from service.connections import async_redis, eviction_problem
+from service.context import Context, FlushRequester
+from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
+from service.health import healthz, metrics, readyz
+from service.keys import KeySchema
+from service.reads import get_leaderboard, get_user
+from service.scores import post_score
+from service.scripts import Scripts
+from service.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+
+Rebuild = Callable[[Settings], None]
+"""Rebuilds Redis from Postgres (blocking; run off the event loop). Provided by the CLI."""
+
+READY_POLL_S = 0.5
+
+
+def create_app(
+    settings: Settings,
+    *,
+    rebuild: Rebuild | None = None,
+    request_flush: FlushRequester | None = None,
+) -> Starlette:
+    """The service. `rebuild` restores an empty Redis from Postgres before it reports ready;
+    `request_flush` asks the persister to drain a partition's events."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = async_redis(settings)
+        await refuse_evicting_redis(client)
+        pg = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=2.0,
+            kwargs={"connect_timeout": 2, "autocommit": True},
+        )
+        await pg.open(wait=False)
+        ctx = Context(
+            settings=settings,
+            schema=KeySchema(settings.partitions),
+            redis=client,
+            scripts=Scripts(client),
+            auth=Authenticator(settings),
+            pg=pg,
+            request_flush=request_flush,
+        )
+        app.state.ctx = ctx
+        if ctx.auth.jwks is not None:
+            await ctx.auth.jwks.start()
+        readiness = asyncio.create_task(become_ready(ctx, rebuild))
+        try:
+            yield
+        finally:
+            readiness.cancel()
+            if ctx.auth.jwks is not None:
+                await ctx.auth.jwks.stop()
+            await pg.close()
+            await client.aclose()
+
+    routes = [
+        Route("/api/v1/score", post_score, methods=["POST"]),
+        Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
+        Route("/api/v1/users/{user_id:str}", get_user, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_exception_handler,
+            Exception: server_error_handler,
+        },
+    )
+
+
+async def refuse_evicting_redis(client: object) -> None:
+    """ConfigError if Redis could evict our keys; an unreachable Redis is left to readiness."""
+    try:
+        info = await client.info("memory")  # type: ignore[attr-defined]
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
+        return
+    problem = eviction_problem(info)
+    if problem:
+        raise ConfigError(problem)
+
+
+async def become_ready(ctx: Context, rebuild: Rebuild | None) -> None:
+    """Wait for Redis, rebuild it from Postgres if it holds no leaderboards, then go ready."""
+    marker = ctx.schema.ready_marker
+    while True:
+        try:
+            if await ctx.redis.exists(marker):
+                break
+            if rebuild is None:
+                await ctx.redis.set(marker, "1")
+                break
+            ctx.not_ready_reason = "rebuilding Redis from Postgres"
+            await asyncio.to_thread(rebuild, ctx.settings)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"
+        except Exception as exc:  # the rebuild failed (Postgres down?): keep trying
+            log.warning("could not make Redis ready: %s", exc)
+            ctx.not_ready_reason = f"rebuild failed: {exc}"
+        await asyncio.sleep(READY_POLL_S)
+    ctx.ready = True
+    ctx.not_ready_reason = ""

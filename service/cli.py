@@ -1,0 +1,191 @@
+"""`score-service`: the one command operators use. The only module that knows both the
+service and the persister: it wires the persister's rebuild and flush into the app."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgspec
+
+from service.models import UserId
+from service.settings import ConfigError, Settings
+
+log = logging.getLogger("score_service")
+
+
+def app_from_env() -> object:
+    """The ASGI app for uvicorn (`factory=True`), configured from the environment."""
+    from service.app import create_app
+
+    settings = Settings.from_env()
+    return create_app(settings, **persister_hooks())
+
+
+def persister_hooks() -> dict[str, object]:
+    """The persister's side of the app: rebuild an empty Redis, request flushes."""
+    from persister import wiring
+
+    return wiring.hooks()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    Settings.from_env()  # fail fast, in the parent, with one clear line
+    uvicorn.run(
+        "service.cli:app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from persister.schema import migrate
+
+    settings = settings_for_database()
+    with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
+        applied = migrate(conn)
+    print(f"migrated: applied {applied}" if applied else "schema is up to date")
+    return 0
+
+
+def settings_for_database() -> Settings:
+    """Settings for commands that need only the stores (no key source required)."""
+    env = dict(os.environ)
+    if not any(env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")):
+        env["SCORE_JWT_JWKS_URL"] = "https://unused.invalid/"  # no token is verified here
+    return Settings.from_env(env)
+
+
+def read_user_ids(values: Sequence[str]) -> list[str]:
+    """Validated user ids: a bad one stops everything before anything is written."""
+    ids: list[str] = []
+    for value in values:
+        try:
+            ids.append(msgspec.convert(value, UserId))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid user id {value!r}: {exc}") from None
+    return ids
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from service.connections import check_redis_sync, sync_redis
+    from service.keys import KeySchema
+    from service.users import provision_sync
+
+    if args.action == "import":
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+        with stream:
+            raw = [line.split(",")[0].strip() for line in stream]
+        values = [v for v in raw if v and not v.startswith("#")]
+    else:
+        values = args.ids
+    ids = read_user_ids(values)
+    settings = settings_for_database()
+    client = sync_redis(settings)
+    check_redis_sync(client)
+    created = 0
+    with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start : start + 10_000]
+            created += provision_sync(conn, client, KeySchema(settings.partitions), settings.top_n, chunk)
+    print(f"users: {created} created, {len(ids) - created} already existed")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from service.auth import mint
+
+    (user_id,) = read_user_ids([args.user_id])
+    print(mint(Settings.from_env(), user_id, admin=args.admin, ttl_s=args.ttl))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from service.dev import run_dev
+
+    return run_dev(Path(args.data), port=args.port, demo=args.demo)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="score-service", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="quickstart: own Redis and Postgres, web and worker")
+    dev.add_argument("--demo", action="store_true", help="also play simulated traffic")
+    dev.add_argument("--port", type=int, default=8000, help="HTTP port (another if taken)")
+    dev.add_argument("--data", default=".data", help="where the dev servers keep their data")
+    dev.set_defaults(func=cmd_dev)
+
+    serve = sub.add_parser("serve", help="the HTTP and WebSocket service")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="create or upgrade the Postgres schema")
+    migrate.set_defaults(func=cmd_migrate)
+
+    users = sub.add_parser("users", help="provision users in Postgres and Redis")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    add = users_sub.add_parser("add", help="provision the given user ids")
+    add.add_argument("ids", nargs="+", metavar="ID")
+    imp = users_sub.add_parser("import", help="provision one user id per line of FILE ('-': stdin)")
+    imp.add_argument("file", metavar="FILE")
+    users.set_defaults(func=cmd_users)
+
+    token = sub.add_parser("token", help="mint a token (dev secret or SCORE_JWT_PRIVATE_KEY)")
+    token.add_argument("user_id", metavar="ID")
+    token.add_argument("--admin", action="store_true", help="grant the admin API")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.set_defaults(func=cmd_token)
+
+    for name, register in extra_commands():
+        register(sub.add_parser(name))
+    return p
+
+
+def extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], None]]]:
+    """The persister's commands (worker, rebuild, reconcile)."""
+    from persister import commands
+
+    return commands.COMMANDS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("SCORE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"score-service: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

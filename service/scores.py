@@ -1,0 +1,124 @@
+"""POST /api/v1/score: the hot path.
+
+The checks run in the order the contract fixes: body size (413), token (401), body (400),
+token user = body user (403), then one Lua call for rate limit (429), idempotency (422),
+user existence (404) and range (400). Nothing is written unless every check passes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.auth import AuthError
+from service.context import Context
+from service.errors import ApiError
+from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
+from service.redis_errors import redis_unavailable
+from service.scripts import Status, SubmitResult, prepare_submit
+
+MAX_BODY_BYTES = 4096
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+BEARER_CHALLENGE = 'Bearer realm="score-service", error="invalid_token"'
+T = TypeVar("T")
+_JSON_TYPES = ("application/json", "application/problem+json")
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, or 413 as soon as it is known to be larger than `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, f"the request body must be at most {limit} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"the request body must be at most {limit} bytes")
+    return body
+
+
+def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode and validate a JSON body; 415/400 with msgspec's explanation on failure."""
+    content_type = request.headers.get("content-type", "application/json")
+    if content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
+        raise ApiError(415, f"send the body as application/json, not {content_type!r}")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
+    """IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) and Retry-After."""
+    s = ctx.settings
+    window = max(1, math.ceil(s.rate_interval_us * s.rate_burst / 1_000_000))
+    reset = max(0, math.ceil(result.reset_after_us / 1_000_000))
+    headers = {
+        "RateLimit-Policy": f'"burst";q={s.rate_burst};w={window}',
+        "RateLimit": f'"burst";r={result.remaining};t={reset}',
+    }
+    if result.status is Status.RATE_LIMITED:
+        headers["Retry-After"] = str(max(1, math.ceil(result.retry_after_us / 1_000_000)))
+    return headers
+
+
+async def post_score(request: Request) -> Response:
+    ctx: Context = request.app.state.ctx
+    body = await read_body(request)
+    try:
+        principal = await ctx.auth.authenticate(request.headers.get("authorization"))
+    except AuthError as exc:
+        raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
+    update: ScoreUpdate = decode_json(request, body, score_update_decoder)
+    if update.score_increase > ctx.settings.max_increase:
+        raise ApiError(
+            400, f"score_increase must be at most {ctx.settings.max_increase} (SCORE_MAX_INCREASE)"
+        )
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters")
+    if principal.user_id != update.user_id:
+        raise ApiError(403, "the token belongs to another user than the body's user_id")
+
+    call = prepare_submit(
+        ctx.settings,
+        ctx.schema,
+        update.user_id,
+        update.score_increase,
+        idempotency_key=idempotency_key,
+    )
+    async with redis_unavailable():
+        result = await ctx.scripts.submit(call)
+    headers = rate_headers(ctx, result)
+    status = result.status
+    if status is Status.RATE_LIMITED:
+        raise ApiError(429, "too many score updates: retry after the Retry-After delay", headers)
+    if status is Status.UNKNOWN_USER:
+        raise ApiError(404, f"user {update.user_id!r} not found", headers)
+    if status is Status.OUT_OF_RANGE:
+        raise ApiError(
+            400, "the new score would exceed 9007199254740991 (2^53-1), the largest exact score",
+            headers,
+        )
+    if status is Status.IDEMPOTENCY_MISMATCH:
+        raise ApiError(
+            422, "this Idempotency-Key was already used with a different request body", headers
+        )
+    if result.flush and ctx.request_flush is not None:
+        ctx.request_flush(ctx.schema.for_user(update.user_id).index)
+    if status is Status.REPLAY:
+        headers["Idempotent-Replayed"] = "true"
+    reply = ScoreUpdated(
+        message="Score updated successfully.",
+        user_id=update.user_id,
+        new_score=result.total,
+        rank=result.rank if ctx.settings.partitions == 1 else msgspec.UNSET,
+    )
+    return Response(encoder.encode(reply), headers=headers, media_type="application/json")

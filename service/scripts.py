@@ -1,0 +1,191 @@
+"""Lua scripts: loaded once, called by EVALSHA through typed wrappers.
+
+A script's file name carries its key count (`submit_score-6.lua`); the loader reads it and
+every call checks it, so a caller that passes the wrong keys fails loudly, not subtly.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from service.keys import KeySchema, PartitionKeys
+from service.settings import Settings
+
+LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+_NAME = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
+
+TOP_STREAM_MAXLEN = 1000
+FLUSH_FLAG_TTL_S = 10
+EVENT_NAMESPACE = uuid.UUID("6f1d3c52-6c1e-4c8a-9a53-5b1b0f3a2c11")
+
+
+class Status(IntEnum):
+    """Outcomes of submit_score (mirrors the status codes in lua/submit_score-6.lua)."""
+
+    OK = 0
+    REPLAY = 1
+    RATE_LIMITED = 2
+    UNKNOWN_USER = 3
+    OUT_OF_RANGE = 4
+    IDEMPOTENCY_MISMATCH = 5
+
+
+class SubmitResult(msgspec.Struct, frozen=True):
+    """The fixed-shape reply of submit_score."""
+
+    status: Status
+    total: int
+    rank: int
+    retry_after_us: int
+    remaining: int
+    reset_after_us: int
+    flush: bool
+    top_version: str
+
+
+
+@dataclass(frozen=True, slots=True)
+class LuaSource:
+    name: str
+    numkeys: int
+    body: str
+
+
+@cache
+def load(name: str) -> LuaSource:
+    """Read `lua/<name>-<N>.lua` and its key count N."""
+    for path in LUA_DIR.glob(f"{name}-*.lua"):
+        m = _NAME.match(path.name)
+        if m and m.group("name") == name:
+            return LuaSource(name, int(m.group("keys")), path.read_text())
+    raise FileNotFoundError(f"no lua/{name}-N.lua")
+
+
+def event_id(user_id: str, idempotency_key: str | None) -> str:
+    """The service-made id of an increment: random, or derived from the Idempotency-Key.
+
+    Derived ids make a retry that races its own first attempt land on the same ledger row.
+    """
+    if idempotency_key is None:
+        return str(uuid.uuid4())
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{len(user_id)}:{user_id}:{idempotency_key}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """A prepared submit_score call: its keys and arguments."""
+
+    keys: list[str]
+    args: list[str | int]
+
+
+def prepare_submit(
+    settings: Settings,
+    schema: KeySchema,
+    user_id: str,
+    delta: int,
+    *,
+    idempotency_key: str | None = None,
+    operator: bool = False,
+) -> Submit:
+    """Keys and arguments for one increment (`operator`: no rate limit, negative allowed)."""
+    p = schema.for_user(user_id)
+    idem = p.idempotency(user_id, idempotency_key or "")
+    keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag]
+    args: list[str | int] = [
+        user_id,
+        delta,
+        event_id(user_id, idempotency_key),
+        1 if idempotency_key is not None else 0,
+        0 if operator else settings.rate_interval_us,
+        settings.rate_burst,
+        settings.max_increase,
+        settings.top_n,
+        settings.idempotency_ttl_s,
+        1 if operator else 0,
+        TOP_STREAM_MAXLEN,
+        FLUSH_FLAG_TTL_S,
+    ]
+    return Submit(keys, args)
+
+
+def parse_submit(reply: list[Any]) -> SubmitResult:
+    """Turn the raw reply into a SubmitResult (bytes -> str for the version)."""
+    return SubmitResult(
+        Status(reply[0]),
+        int(reply[1]),
+        int(reply[2]),
+        int(reply[3]),
+        int(reply[4]),
+        int(reply[5]),
+        bool(reply[6]),
+        _text(reply[7]),
+    )
+
+
+class Scripts:
+    """The project's scripts registered on one asyncio Redis client."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._submit = _Registered("submit_score", client)
+        self._publish = _Registered("publish_top", client)
+
+    async def submit(self, call: Submit) -> SubmitResult:
+        """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
+        reply = await self._submit.script(keys=self._submit.checked(call.keys), args=call.args)
+        return parse_submit(reply)
+
+    async def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
+        """Append the partition's current top-N to its top stream; the new version."""
+        reply = await self._publish.script(
+            keys=self._publish.checked([keys.leaderboard, keys.top]),
+            args=[top_n, TOP_STREAM_MAXLEN],
+        )
+        return _text(reply)
+
+
+class SyncScripts:
+    """The same scripts on a blocking client (CLI, persister, tests)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._submit = _Registered("submit_score", client)
+        self._publish = _Registered("publish_top", client)
+
+    def submit(self, call: Submit) -> SubmitResult:
+        reply = self._submit.script(keys=self._submit.checked(call.keys), args=call.args)
+        return parse_submit(reply)
+
+    def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
+        reply = self._publish.script(
+            keys=self._publish.checked([keys.leaderboard, keys.top]),
+            args=[top_n, TOP_STREAM_MAXLEN],
+        )
+        return _text(reply)
+
+
+class _Registered:
+    """One script registered on one client, with its key count."""
+
+    def __init__(self, name: str, client: redis.Redis | aioredis.Redis) -> None:
+        src = load(name)
+        self.name, self.numkeys = name, src.numkeys
+        self.script: Any = client.register_script(src.body)
+
+    def checked(self, keys: list[str]) -> list[str]:
+        if len(keys) != self.numkeys:
+            raise ValueError(f"{self.name} takes {self.numkeys} keys, got {len(keys)}")
+        return keys
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,150 @@
+"""Configuration: read once from the environment into a frozen, validated object.
+
+Everything is checked at startup so that a bad deployment fails fast with one clear line,
+never at the first request.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_SCORE = 2**53 - 1
+"""Largest total a Redis sorted-set score (an IEEE double) holds exactly."""
+
+ADMIN_SCOPE = "score:admin"
+"""The OAuth scope (space-separated `scope` claim) that grants the admin API."""
+
+_PLACEHOLDER_SECRETS = {"secret", "changeme", "change-me", "password", "dev", "test", "example"}
+_MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as the hash
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(ms|s|m|h)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class ConfigError(ValueError):
+    """The environment does not describe a service that can run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "postgresql://localhost/score_service"
+    jwt_secret: str | None = None
+    jwt_public_key: bytes | None = None
+    jwt_private_key: bytes | None = None
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    rate_limit: str = "10/s"
+    rate_interval_us: int = 100_000
+    rate_burst: int = 20
+    max_increase: int = 1_000_000
+    top_n: int = 10
+    partitions: int = 1
+    idempotency_ttl_s: int = 24 * 3600
+    # Live leaderboard (WebSocket / SSE)
+    live_tick_ms: int = 50
+    live_max_connections: int = 10_000
+    live_max_per_client: int = 50
+    live_send_timeout_s: float = 5.0
+    live_ping_interval_s: float = 20.0
+    live_allowed_origins: tuple[str, ...] = ()
+    # Persister
+    persist_batch: int = 5_000
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `env` (default: os.environ); raise ConfigError when invalid."""
+        e = os.environ if env is None else env
+        secret = _opt(e, "SCORE_JWT_SECRET")
+        public_key = _read_key(e, "SCORE_JWT_PUBLIC_KEY")
+        jwks_url = _opt(e, "SCORE_JWT_JWKS_URL")
+        if secret is None and public_key is None and jwks_url is None:
+            raise ConfigError(
+                "no JWT key source: set SCORE_JWT_SECRET (development), "
+                "SCORE_JWT_PUBLIC_KEY (PEM file) or SCORE_JWT_JWKS_URL"
+            )
+        if secret is not None:
+            if secret.lower() in _PLACEHOLDER_SECRETS or len(secret.encode()) < _MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"SCORE_JWT_SECRET is a placeholder or shorter than {_MIN_SECRET_BYTES} "
+                    "bytes: use a random secret, e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))'`"
+                )
+        if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
+            raise ConfigError(f"SCORE_JWT_JWKS_URL must be an http(s) URL, got {jwks_url!r}")
+        rate_limit = e.get("SCORE_RATE_LIMIT", "10/s")
+        origins = _opt(e, "SCORE_LIVE_ALLOWED_ORIGINS")
+        return cls(
+            redis_url=e.get("REDIS_URL", cls.redis_url),
+            database_url=e.get("DATABASE_URL", cls.database_url),
+            jwt_secret=secret,
+            jwt_public_key=public_key,
+            jwt_private_key=_read_key(e, "SCORE_JWT_PRIVATE_KEY"),
+            jwt_jwks_url=jwks_url,
+            jwt_issuer=_opt(e, "SCORE_JWT_ISSUER"),
+            jwt_audience=_opt(e, "SCORE_JWT_AUDIENCE"),
+            rate_limit=rate_limit,
+            rate_interval_us=_parse_rate(rate_limit),
+            rate_burst=_int(e, "SCORE_RATE_BURST", 20, 1, 1_000_000),
+            max_increase=_int(e, "SCORE_MAX_INCREASE", 1_000_000, 1, MAX_SCORE),
+            top_n=_int(e, "SCORE_TOP_N", 10, 1, 1000),
+            partitions=_int(e, "SCORE_PARTITIONS", 1, 1, 1024),
+            idempotency_ttl_s=_int(e, "SCORE_IDEMPOTENCY_TTL", 24 * 3600, 60, 30 * 24 * 3600),
+            live_tick_ms=_int(e, "SCORE_LIVE_TICK_MS", 50, 1, 10_000),
+            live_max_connections=_int(e, "SCORE_LIVE_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
+            live_max_per_client=_int(e, "SCORE_LIVE_MAX_PER_CLIENT", 50, 1, 1_000_000),
+            live_send_timeout_s=_int(e, "SCORE_LIVE_SEND_TIMEOUT_MS", 5000, 100, 600_000) / 1000,
+            live_ping_interval_s=_int(e, "SCORE_LIVE_PING_INTERVAL_MS", 20_000, 100, 600_000)
+            / 1000,
+            live_allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip())
+            if origins
+            else (),
+            persist_batch=_int(e, "SCORE_PERSIST_BATCH", 5_000, 1, 1_000_000),
+        )
+
+
+def _opt(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _read_key(env: Mapping[str, str], name: str) -> bytes | None:
+    path = _opt(env, name)
+    if path is None:
+        return None
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{name}: {path} is not a PEM file")
+    return data
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = _opt(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _parse_rate(raw: str) -> int:
+    """'10/s', '600/m', '5/10s' -> microseconds between requests (GCRA emission interval)."""
+    m = _RATE.match(raw)
+    if not m or int(m.group(1)) == 0:
+        raise ConfigError(f"SCORE_RATE_LIMIT must look like '10/s', '600/m' or '5/10s', got {raw!r}")
+    count, multiple, unit = int(m.group(1)), int(m.group(2) or 1), m.group(3)
+    interval = round(multiple * _UNITS[unit] * 1_000_000 / count)
+    if interval < 1:
+        raise ConfigError(f"SCORE_RATE_LIMIT {raw!r} is faster than one request per microsecond")
+    return interval

@@ -1,0 +1,172 @@
+"""Fixtures: throwaway redis-server and postgres for the whole session, clean stores per test.
+
+Servers run on ports the OS picks, in a temp dir, and are stopped at the end; nothing here
+touches a server already running on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from starlette.testclient import TestClient
+
+from persister.schema import migrate
+from service.app import create_app
+from service.auth import mint
+from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.keys import KeySchema
+from service.settings import Settings
+from service.users import provision_sync
+
+SECRET = "test-secret-" + "x" * 40
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Servers:
+    redis: RedisServer
+    postgres: PostgresServer
+    directory: Path
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    directory = Path(tempfile.mkdtemp(prefix="score-tests-"))
+    redis_server = RedisServer(directory / "redis").start()
+    pg = PostgresServer(directory / "postgres", fsync=False).start()
+    with psycopg.connect(pg.url) as conn:
+        migrate(conn)
+    try:
+        yield Servers(redis_server, pg, directory)
+    finally:
+        pg.stop()
+        redis_server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def make_env(servers: Servers, **overrides: str) -> dict[str, str]:
+    """The environment a service process of the tests runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCORE_")}
+    env.update(
+        REDIS_URL=servers.redis.url,
+        DATABASE_URL=servers.postgres.url,
+        SCORE_JWT_SECRET=SECRET,
+        SCORE_RATE_LIMIT="100000/s",
+        SCORE_RATE_BURST="100000",
+    )
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def env(servers: Servers) -> dict[str, str]:
+    return make_env(servers)
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def r(servers: Servers) -> Iterator[redis.Redis]:
+    """A clean Redis (FLUSHALL) and Postgres (TRUNCATE) for this test; a client to Redis."""
+    client = redis.Redis.from_url(servers.redis.url)
+    client.flushall()
+    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE users, score_events")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def pg(servers: Servers, r: redis.Redis) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def add_users(
+    settings: Settings, r: redis.Redis, servers: Servers
+) -> Callable[..., list[str]]:
+    """Provision users (random ids unless given); returns their ids."""
+
+    def add(*ids: str, count: int = 0) -> list[str]:
+        user_ids = list(ids) + [f"u-{uuid.uuid4().hex[:12]}" for _ in range(count)]
+        with psycopg.connect(servers.postgres.url) as conn:
+            provision_sync(conn, r, KeySchema(settings.partitions), settings.top_n, user_ids)
+        return user_ids
+
+    return add
+
+
+@pytest.fixture
+def token(settings: Settings) -> Callable[..., str]:
+    def make(user_id: str, **kwargs: object) -> str:
+        return mint(settings, user_id, **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def client(settings: Settings, r: redis.Redis) -> Iterator[TestClient]:
+    """The app in-process (its lifespan runs), on the test's clean stores."""
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200, 10, "the app")
+        yield c
+
+
+@dataclass
+class Service:
+    base: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
+    """`score-service serve` as a real process (uvicorn, uvloop, httptools)."""
+    import httpx
+
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError("serve exited: " + log.read_text()[-2000:])
+        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+
+    wait_for(ready, 30, "score-service serve")
+    return Service(base, process, log)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture
+def service(env: dict[str, str], r: redis.Redis, tmp_path: Path) -> Iterator[Service]:
+    svc = start_service(env, tmp_path / "serve.log")
+    yield svc
+    stop_process(svc.process)
