@@ -27,7 +27,11 @@ lint: $(STAMP)
 test: lint  ## lint, types, and the whole suite against throwaway servers
 	$(BIN)/pytest -q
 
-bench: $(STAMP)  ## the benchmark suite; results under bench/results/
+$(VENV)/.bench-installed: $(STAMP)  # the bench extra: matplotlib, py-spy, pyinstrument
+	$(BIN)/pip install -q -e '.[dev,embedded,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed  ## the benchmark suite (needs Debian's wrk); results under bench/results/
 	$(BIN)/python -m bench
 
 contract: $(STAMP)

@@ -14,7 +14,7 @@
   Events: XADD top
 ]]
 local rcall = redis.call
-local unpack = unpack or table.unpack -- Lua 5.1 (Redis) and 5.4 (fakeredis)
+local unpack = unpack or table.unpack -- Lua 5.1 (Redis, fakeredis); 5.2+ moved it
 
 local leaderboard_key = KEYS[1]
 local top_key = KEYS[2]

@@ -2,12 +2,16 @@
   submit_score: add `delta` to one user's score, atomically.
 
   Every check runs before the first write (Redis does not roll back a script that fails
-  halfway), in the order the API promises: rate limit, idempotency, user existence, range.
+  halfway), in the order the API promises: rate limit, idempotency, user existence, range
+  of the new total. A delta that is out of range by itself (negative for a player, larger
+  than the maximum) is refused before all of them, like any other bad request body.
+  Only an accepted increment (OK) and a replay (REPLAY) spend the caller's rate allowance.
 
   Scores are stored NEGATED in the leaderboard ZSET so that ascending order (ZRANK, ZRANGE)
   is "best first" and equal scores fall back to Redis's own byte order of the member: equal
-  scores share a rank and are listed by user_id ascending. Numbers are passed to Redis through string.format('%d'),
-  never tostring: Lua's "%.14g" would silently round totals near 2^53.
+  scores share a rank and are listed by user_id ascending. Numbers are passed to Redis
+  through string.format('%d'), never tostring: Lua's "%.14g" would silently round totals
+  near 2^53.
 
   Input:
     KEYS[1] leaderboard   ZSET  member user_id, score -total
@@ -29,6 +33,8 @@
     ARGV[10] allow negative delta  "1" for operator adjustments, "0" for players
     ARGV[11] top stream MAXLEN     approximate cap; the top stream is a broadcast, not a log
     ARGV[12] flush flag TTL        seconds; a lost flush request is retried after this
+    Numbers are decimal integers, settings from 0 or 1 up to 2^53-1; anything else is
+    misuse.
 
   Output: {status, total, rank, retry_after_us, remaining, reset_after_us, flush, top_version}
     status  0 OK, 1 REPLAY, 2 RATE_LIMITED, 3 UNKNOWN_USER, 4 OUT_OF_RANGE,
@@ -36,13 +42,43 @@
     total   the user's score after this call (the first call's, for a replay); 0 if refused
     rank    1 + the number of users with a strictly higher score (ties share a rank), after
             this call; 0 if refused
+    retry_after_us  when RATE_LIMITED, the wait until one request is allowed again; else 0
+    remaining       requests still allowed right now, after this call (0 when rate limiting
+                    is off, or when the delta alone was out of range: the limit is not read)
+    reset_after_us  the wait until the full burst is available again
     flush   1 if the caller must ask the persister for a flush
     top_version  the top stream id appended by this call, or ""
+
+  Misuse (wrong key or argument count, a malformed argument) is an error reply; nothing
+  is written.
 
   Events: XADD events (every accepted increment); XADD top (when the top-N changed).
 ]]
 local rcall = redis.call
-local unpack = unpack or table.unpack -- Lua 5.1 (Redis) and 5.4 (fakeredis)
+local unpack = unpack or table.unpack -- Lua 5.1 (Redis, fakeredis); 5.2+ moved it
+
+local MAX_SCORE = 9007199254740991 -- 2^53 - 1: the largest integer a double holds exactly
+
+-- A decimal integer, or nil: tonumber alone would also take "1e3", "0x10", " 7" and "nan".
+local function int_arg(s)
+  if type(s) ~= "string" or not string.match(s, "^-?%d+$") then return nil end
+  return tonumber(s)
+end
+
+-- A setting: an integer from `low` to 2^53-1, or nil.
+local function setting(s, low)
+  local n = int_arg(s)
+  if n == nil or n < low or n > MAX_SCORE then return nil end
+  return n
+end
+
+local function flag_arg(s)
+  if s == "1" then return true elseif s == "0" then return false end
+  return nil
+end
+
+if #KEYS ~= 6 then return redis.error_reply("ERR submit_score: takes 6 keys") end
+if #ARGV ~= 12 then return redis.error_reply("ERR submit_score: takes 12 arguments") end
 
 local leaderboard_key = KEYS[1]
 local rate_key = KEYS[2]
@@ -52,19 +88,17 @@ local top_key = KEYS[5]
 local flush_key = KEYS[6]
 
 local user_id = ARGV[1]
-local delta = tonumber(ARGV[2])
+local delta = int_arg(ARGV[2])
 local event_id = ARGV[3]
-local use_idempotency = ARGV[4] == "1"
-local interval = tonumber(ARGV[5])
-local burst = tonumber(ARGV[6])
-local max_delta = tonumber(ARGV[7])
-local top_n = tonumber(ARGV[8])
-local idempotency_ttl = tonumber(ARGV[9])
-local allow_negative = ARGV[10] == "1"
-local top_maxlen = tonumber(ARGV[11])
-local flush_ttl = tonumber(ARGV[12])
-
-local MAX_SCORE = 9007199254740991 -- 2^53 - 1: the largest integer a double holds exactly
+local use_idempotency = flag_arg(ARGV[4])
+local interval = setting(ARGV[5], 0)
+local burst = setting(ARGV[6], 1)
+local max_delta = setting(ARGV[7], 1)
+local top_n = setting(ARGV[8], 1)
+local idempotency_ttl = setting(ARGV[9], 1)
+local allow_negative = flag_arg(ARGV[10])
+local top_maxlen = setting(ARGV[11], 1)
+local flush_ttl = setting(ARGV[12], 1)
 
 local OK, REPLAY, RATE_LIMITED, UNKNOWN_USER, OUT_OF_RANGE, IDEMPOTENCY_MISMATCH = 0, 1, 2, 3, 4, 5
 
@@ -72,50 +106,53 @@ local function int(n)
   return string.format("%d", n)
 end
 
-local function is_int(n)
-  return n ~= nil and n == math.floor(n) and n > -MAX_SCORE and n < MAX_SCORE
-end
-
 -- Misuse by the caller is an error reply, never a silent partial write.
-if user_id == nil or user_id == "" then return redis.error_reply("ERR submit_score: empty user_id") end
-if not is_int(delta) or delta == 0 then return redis.error_reply("ERR submit_score: bad delta") end
-if event_id == nil or event_id == "" then return redis.error_reply("ERR submit_score: empty event id") end
-if not is_int(interval) or interval < 0 then return redis.error_reply("ERR submit_score: bad interval") end
-if not is_int(burst) or burst < 1 then return redis.error_reply("ERR submit_score: bad burst") end
-if not is_int(max_delta) or max_delta < 1 then return redis.error_reply("ERR submit_score: bad max") end
-if not is_int(top_n) or top_n < 1 then return redis.error_reply("ERR submit_score: bad top N") end
-if not is_int(idempotency_ttl) or idempotency_ttl < 1 then return redis.error_reply("ERR submit_score: bad TTL") end
-if not is_int(top_maxlen) or top_maxlen < 1 then return redis.error_reply("ERR submit_score: bad MAXLEN") end
-if not is_int(flush_ttl) or flush_ttl < 1 then return redis.error_reply("ERR submit_score: bad flush TTL") end
+if user_id == "" then return redis.error_reply("ERR submit_score: empty user_id") end
+if delta == nil or delta == 0 then return redis.error_reply("ERR submit_score: bad delta") end
+if event_id == "" then return redis.error_reply("ERR submit_score: empty event id") end
+if use_idempotency == nil then return redis.error_reply("ERR submit_score: bad idempotency flag") end
+if interval == nil then return redis.error_reply("ERR submit_score: bad interval") end
+if burst == nil then return redis.error_reply("ERR submit_score: bad burst") end
+if max_delta == nil then return redis.error_reply("ERR submit_score: bad max") end
+if top_n == nil then return redis.error_reply("ERR submit_score: bad top N") end
+if idempotency_ttl == nil then return redis.error_reply("ERR submit_score: bad TTL") end
+if allow_negative == nil then return redis.error_reply("ERR submit_score: bad negative flag") end
+if top_maxlen == nil then return redis.error_reply("ERR submit_score: bad MAXLEN") end
+if flush_ttl == nil then return redis.error_reply("ERR submit_score: bad flush TTL") end
+-- max_delta <= 2^53-1, so this also refuses any delta a double cannot hold exactly
 if delta < 0 and not allow_negative then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end
 if math.abs(delta) > max_delta then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end
 
 -- 1. Rate limit: GCRA on Redis's clock (go-redis/redis_rate). Nothing is written yet.
-local new_tat, remaining, reset_after = nil, 0, 0
+-- `remaining` and `reset_after` describe the allowance as it stands; spend_rate() moves them
+-- when the call is accepted, so a refused call reports an allowance it did not touch.
+local now, tat, remaining, reset_after = 0, 0, 0, 0
 if interval > 0 then
   local t = rcall("TIME")
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local tat = tonumber(rcall("GET", rate_key)) or now
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  tat = tonumber(rcall("GET", rate_key)) or now
   if tat < now then tat = now end
-  new_tat = tat + interval
-  local diff = now - (new_tat - interval * burst)
-  if diff < 0 then
-    return {RATE_LIMITED, 0, 0, -diff, 0, tat - now, 0, ""}
+  local allow_at = tat + interval - interval * burst -- the earliest time this call may pass
+  if now < allow_at then
+    return {RATE_LIMITED, 0, 0, allow_at - now, 0, tat - now, 0, ""}
   end
-  remaining = math.floor(diff / interval)
-  reset_after = new_tat - now
+  remaining = math.floor((now - allow_at) / interval) + 1
+  reset_after = tat - now
+end
+
+local function spend_rate()
+  if interval > 0 then
+    tat = tat + interval
+    remaining = remaining - 1
+    reset_after = tat - now
+    rcall("SET", rate_key, int(tat), "PX", int(math.ceil(reset_after / 1000)))
+  end
 end
 
 local function rank_of(member)
   local score = rcall("ZSCORE", leaderboard_key, member)
   if not score then return 0 end
   return rcall("ZCOUNT", leaderboard_key, "-inf", "(" .. score) + 1
-end
-
-local function spend_rate()
-  if new_tat ~= nil then
-    rcall("SET", rate_key, int(new_tat), "PX", int(math.ceil(reset_after / 1000)))
-  end
 end
 
 -- 2. Idempotency: a replay returns the first result and adds nothing.

@@ -47,7 +47,7 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]]) -> list[int]:
         current = int(row[0]) if row else 0  # type: ignore[call-overload]
         for version, sql in enumerate(MIGRATIONS, start=1):
             if version > current:
-                conn.execute(sql)  # type: ignore[call-overload]
+                conn.execute(sql)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
                 applied.append(version)
     return applied

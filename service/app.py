@@ -13,12 +13,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from service.admin import post_scores, post_users
 from service.auth import Authenticator
+from service.broadcast import Broadcaster
 from service.connections import async_redis, eviction_problem
 from service.context import Context, FlushRequester
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
+from service.going_away import hook_shutdown_signals
 from service.health import healthz, metrics, readyz
 from service.keys import KeySchema
+from service.live import live_routes
+from service.openapi import openapi
+from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.scores import post_score
 from service.scripts import Scripts
@@ -40,6 +46,7 @@ def create_app(
 ) -> Starlette:
     """The service. `rebuild` restores an empty Redis from Postgres before it reports ready;
     `request_flush` asks the persister to drain a partition's events."""
+    live = Broadcaster(settings, KeySchema(settings.partitions))  # the live leaderboard
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -67,9 +74,13 @@ def create_app(
         if ctx.auth.jwks is not None:
             await ctx.auth.jwks.start()
         readiness = asyncio.create_task(become_ready(ctx, rebuild))
+        await live.start()
+        unhook_signals = hook_shutdown_signals(live)
         try:
             yield
         finally:
+            unhook_signals()
+            await live.stop()
             readiness.cancel()
             if ctx.auth.jwks is not None:
                 await ctx.auth.jwks.stop()
@@ -83,6 +94,11 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/api/v1/admin/users", post_users, methods=["POST"]),
+        Route("/api/v1/admin/scores", post_scores, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *live_routes(live),
+        *page_routes(settings),
     ]
     return Starlette(
         routes=routes,

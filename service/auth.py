@@ -2,14 +2,15 @@
 
 Algorithms are pinned to the configured key's type, `exp` is required, `iss`/`aud` are checked
 when configured, and the headers RFC 8725 warns about (`jku`, `x5u`, `jwk`, `x5c`, `crit`) are
-refused before any key is chosen. A verified token is cached until it expires: on the hot path
-a client re-sends the same token many times, and verifying an RS256 signature costs far more
-than the rest of the request.
+refused before any key is chosen: a token never names where its key comes from. A verified
+token is cached until it expires: on the hot path a client re-sends the same token many times,
+and verifying an RS256 signature costs far more than the rest of the request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -17,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+from jwt.types import Options
 
-from service.settings import ADMIN_SCOPE, Settings
+from service.settings import ADMIN_SCOPE, ConfigError, Settings, algorithm_for
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,11 @@ JWKS_REFRESH_S = 300.0
 JWKS_UNKNOWN_KID_INTERVAL_S = 30.0
 JWKS_FETCH_TIMEOUT_S = 5.0
 CACHE_SIZE = 100_000
+MAX_TOKEN_CHARS = 8192  # far above any real JWT; keeps parsing work bounded
 _FORBIDDEN_HEADERS = ("jku", "x5u", "jwk", "x5c", "crit")
-_ASYMMETRIC = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA", "PS256"}
+_ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
 
 
 class AuthError(Exception):
@@ -39,82 +44,111 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who a verified token speaks for, and until when (`exp` plus the leeway)."""
+
     user_id: str
     admin: bool
     expires_at: float
-
-
-def algorithm_for(key: Any) -> str:
-    """The one algorithm a public key may verify (no algorithm confusion)."""
-    if isinstance(key, rsa.RSAPublicKey):
-        return "RS256"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}[key.curve.name]
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "EdDSA"
-    raise ValueError(f"unsupported public key type {type(key).__name__}")
 
 
 class Jwks:
     """An identity provider's JWKS: fetched off the event loop, cached, rotated by `kid`.
 
     Keys are refreshed in the background; a failed refresh keeps the keys we have. A token
-    with an unknown `kid` triggers at most one refetch per JWKS_UNKNOWN_KID_INTERVAL_S, so a
-    flood of forged `kid`s cannot turn into a flood of requests to the identity provider.
+    with an unknown `kid` triggers at most one refetch per `unknown_kid_interval_s`, so a
+    flood of forged `kid`s cannot turn into a flood of requests to the identity provider;
+    requests that arrive while a fetch is under way wait for that one fetch.
     """
 
-    def __init__(self, url: str) -> None:
-        self._client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=int(JWKS_FETCH_TIMEOUT_S))
+    def __init__(
+        self,
+        url: str,
+        *,
+        refresh_s: float = JWKS_REFRESH_S,
+        unknown_kid_interval_s: float = JWKS_UNKNOWN_KID_INTERVAL_S,
+        timeout_s: float = JWKS_FETCH_TIMEOUT_S,
+    ) -> None:
+        self._client = jwt.PyJWKClient(url, cache_jwk_set=False, timeout=timeout_s)
+        self._refresh_s = refresh_s
+        self._unknown_kid_interval_s = unknown_kid_interval_s
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._last_fetch = -JWKS_UNKNOWN_KID_INTERVAL_S
-        self._lock = asyncio.Lock()
+        self._last_fetch = float("-inf")
+        self._fetching: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Fetch the keys once, then keep them fresh in the background."""
         await self.refresh()
         self._task = asyncio.create_task(self._refresh_forever())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop the background refresh (and a fetch under way)."""
+        for task in (self._task, self._fetching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._fetching = None
 
     async def refresh(self) -> None:
-        async with self._lock:
+        """Fetch the JWKS now, or join the fetch already under way."""
+        if self._fetching is None:
             self._last_fetch = time.monotonic()
-            try:
-                jwk_set = await asyncio.to_thread(self._client.get_jwk_set, refresh=True)
-            except (jwt.PyJWKClientError, jwt.InvalidKeyError, OSError) as exc:
-                log.warning("JWKS refresh failed, keeping %d cached keys: %s", len(self._keys), exc)
-                return
-            self._keys = {k.key_id: k for k in jwk_set.keys if k.key_id}
+            self._fetching = asyncio.create_task(self._fetch())
+        # shielded: a request that gives up must not cancel the fetch others wait for
+        await asyncio.shield(self._fetching)
+
+    async def _fetch(self) -> None:
+        try:
+            jwk_set = await asyncio.to_thread(self._client.get_jwk_set, refresh=True)
+            keys = {
+                k.key_id: k for k in jwk_set.keys if k.key_id and k.public_key_use in ("sig", None)
+            }
+            if not keys:
+                raise jwt.PyJWKSetError("the JWKS holds no signing key with a 'kid'")
+            self._keys = keys
+        except Exception as exc:  # whatever went wrong (network, HTTP, JSON, keys): keep ours
+            log.warning("JWKS refresh failed, keeping %d cached keys: %s", len(self._keys), exc)
+        finally:
+            self._fetching = None
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(JWKS_REFRESH_S)
+            # without any key, retry as often as an unknown kid would
+            await asyncio.sleep(self._refresh_s if self._keys else self._unknown_kid_interval_s)
             await self.refresh()
 
     async def key(self, kid: str) -> jwt.PyJWK:
-        if kid not in self._keys and (
-            time.monotonic() - self._last_fetch >= JWKS_UNKNOWN_KID_INTERVAL_S
-        ):
-            await self.refresh()
+        """The key with this `kid`, refetching the JWKS for an unknown one (rate-limited)."""
+        if kid not in self._keys:
+            if self._fetching is not None:
+                await asyncio.shield(self._fetching)
+            elif time.monotonic() - self._last_fetch >= self._unknown_kid_interval_s:
+                await self.refresh()
         try:
             return self._keys[kid]
         except KeyError:
-            raise AuthError(f"unknown key id {kid!r}") from None
+            raise AuthError(f"unknown key id {kid[:64]!r}") from None
 
 
 class Authenticator:
-    """Verifies bearer tokens against the configured key sources."""
+    """Verifies bearer tokens against the configured key sources.
 
-    def __init__(self, settings: Settings) -> None:
+    HS256 tokens are checked with the dev secret. An asymmetric token is checked with a JWKS
+    key when a JWKS is configured and the token names a `kid`, else with the configured
+    public key, and only with the one algorithm that key's type allows.
+    """
+
+    def __init__(self, settings: Settings, *, jwks: Jwks | None = None) -> None:
         self._secret = settings.jwt_secret
         self._public_key: Any = None
         self._public_alg: str | None = None
         if settings.jwt_public_key is not None:
             self._public_key = load_pem_public_key(settings.jwt_public_key)
             self._public_alg = algorithm_for(self._public_key)
-        self.jwks = Jwks(settings.jwt_jwks_url) if settings.jwt_jwks_url else None
+        if jwks is None and settings.jwt_jwks_url:
+            jwks = Jwks(settings.jwt_jwks_url)
+        self.jwks = jwks
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         required = ["exp"]
@@ -122,7 +156,7 @@ class Authenticator:
             required.append("iss")
         if self._audience:
             required.append("aud")
-        self._options: dict[str, Any] = {"require": required}
+        self._options: Options = {"require": required}
         self._cache: OrderedDict[str, Principal] = OrderedDict()
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -133,38 +167,32 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthError("the Authorization header must be 'Bearer <JWT>'")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise AuthError(f"the bearer token is longer than {MAX_TOKEN_CHARS} characters")
         cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at > time.time():
+                self._cache.move_to_end(token)
                 return cached
             del self._cache[token]
         principal = await self._verify(token)
-        if len(self._cache) >= CACHE_SIZE:
-            self._cache.popitem(last=False)
         self._cache[token] = principal
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
         return principal
 
     async def _verify(self, token: str) -> Principal:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
-            raise AuthError("the bearer token is not a well-formed JWT") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"the bearer token is not a well-formed JWT: {exc}") from None
         for name in _FORBIDDEN_HEADERS:
             if name in header:
                 raise AuthError(f"tokens with a '{name}' header are not accepted")
         alg = header.get("alg")
-        key: Any
-        if alg == "HS256" and self._secret is not None:
-            key = self._secret
-        elif alg in _ASYMMETRIC and self._public_key is not None and alg == self._public_alg:
-            key = self._public_key
-        elif alg in _ASYMMETRIC and self.jwks is not None and isinstance(header.get("kid"), str):
-            jwk = await self.jwks.key(header["kid"])
-            if jwk.algorithm_name != alg:
-                raise AuthError(f"key {header['kid']!r} does not sign with {alg}")
-            key = jwk.key
-        else:
-            raise AuthError(f"tokens signed with {alg!r} are not accepted here")
+        if not isinstance(alg, str):
+            raise AuthError("the token's header names no algorithm ('alg')")
+        key = await self._key_for(alg, header.get("kid"))
         try:
             claims = jwt.decode(
                 token,
@@ -177,17 +205,33 @@ class Authenticator:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("the token has expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
-        user_id = claims.get("sub") or claims.get("user_id")
+        user_id = claims["sub"] if "sub" in claims else claims.get("user_id")
         if not isinstance(user_id, str) or not user_id:
-            raise AuthError("the token names no user: it needs a 'sub' or 'user_id' claim")
+            raise AuthError("the token names no user: it needs a 'sub' (or 'user_id') claim")
         scope = claims.get("scope")
         admin = isinstance(scope, str) and ADMIN_SCOPE in scope.split()
         exp = claims["exp"]
-        if not isinstance(exp, int | float):
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise AuthError("the token's 'exp' claim is not a number")
         return Principal(user_id, admin, float(exp) + LEEWAY_S)
+
+    async def _key_for(self, alg: str, kid: object) -> Any:
+        """The key that may verify a token signed with `alg`, or AuthError."""
+        if alg == "HS256" and self._secret is not None:
+            return self._secret
+        if alg in _ASYMMETRIC:
+            if self.jwks is not None and isinstance(kid, str) and kid:
+                jwk = await self.jwks.key(kid)
+                if jwk.algorithm_name != alg:
+                    raise AuthError(f"key {kid[:64]!r} does not sign with {alg}")
+                return jwk.key
+            if self._public_key is not None and alg == self._public_alg:
+                return self._public_key
+            if self.jwks is not None:
+                raise AuthError("the token names no key id ('kid') to pick a JWKS key by")
+        raise AuthError(f"tokens signed with {alg[:16]!r} are not accepted here")
 
 
 def mint(settings: Settings, user_id: str, *, admin: bool = False, ttl_s: int = 3600) -> str:
@@ -201,13 +245,16 @@ def mint(settings: Settings, user_id: str, *, admin: bool = False, ttl_s: int = 
     if admin:
         claims["scope"] = ADMIN_SCOPE
     if settings.jwt_private_key is not None:
-        from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
         private = load_pem_private_key(settings.jwt_private_key, password=None)
-        alg = algorithm_for(private.public_key())
-        return jwt.encode(claims, private, algorithm=alg)  # type: ignore[arg-type]
+        if not isinstance(
+            private,
+            rsa.RSAPrivateKey
+            | ec.EllipticCurvePrivateKey
+            | ed25519.Ed25519PrivateKey
+            | ed448.Ed448PrivateKey,
+        ):
+            raise ConfigError("SCORE_JWT_PRIVATE_KEY must be an RSA, EC or EdDSA key")
+        return jwt.encode(claims, private, algorithm=algorithm_for(private))
     if settings.jwt_secret is not None:
         return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
-    raise AuthError(
-        "cannot mint a token: set SCORE_JWT_PRIVATE_KEY (PEM) or SCORE_JWT_SECRET"
-    )
+    raise ConfigError("cannot mint a token: set SCORE_JWT_PRIVATE_KEY (PEM) or SCORE_JWT_SECRET")

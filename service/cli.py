@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -23,20 +24,23 @@ def app_from_env() -> object:
     from service.app import create_app
 
     settings = Settings.from_env()
-    return create_app(settings, **persister_hooks())
+    return create_app(settings, **persister_hooks(settings))
 
 
-def persister_hooks() -> dict[str, object]:
+def persister_hooks(settings: Settings) -> dict[str, Any]:
     """The persister's side of the app: rebuild an empty Redis, request flushes."""
     from persister import wiring
 
-    return wiring.hooks()
+    return wiring.hooks(settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    Settings.from_env()  # fail fast, in the parent, with one clear line
+    from service.connections import refuse_evicting_redis
+
+    settings = Settings.from_env()  # fail fast, in the parent, with one clear line
+    refuse_evicting_redis(settings)
     uvicorn.run(
         "service.cli:app_from_env",
         factory=True,
@@ -45,7 +49,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
+        # websockets-sansio: write back-pressure (the live leaderboard's send timeout needs a
+        # send that waits when a client does not read), protocol pings with a pong deadline,
+        # and a message size limit. No permessage-deflate: a zlib context per connection
+        # costs tens of KB and compresses every frame once per client instead of once.
         ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        ws_ping_interval=settings.live_ping_interval_s,
+        ws_ping_timeout=settings.live_ping_interval_s,
+        ws_max_size=settings.live_max_message_bytes,
         lifespan="on",
         access_log=False,
         timeout_graceful_shutdown=5,
@@ -69,7 +81,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def settings_for_database() -> Settings:
     """Settings for commands that need only the stores (no key source required)."""
     env = dict(os.environ)
-    if not any(env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")):
+    if not any(
+        env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")
+    ):
         env["SCORE_JWT_JWKS_URL"] = "https://unused.invalid/"  # no token is verified here
     return Settings.from_env(env)
 
@@ -85,6 +99,19 @@ def read_user_ids(values: Sequence[str]) -> list[str]:
     return ids
 
 
+def read_id_file(name: str) -> list[str]:
+    """One user id per line (a CSV's first column); '#' comments and blank lines skipped."""
+    try:
+        if name == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            lines = Path(name).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read user ids from {name}: {exc}") from None
+    values = (line.split(",")[0].strip() for line in lines)
+    return [v for v in values if v and not v.startswith("#")]
+
+
 def cmd_users(args: argparse.Namespace) -> int:
     import psycopg
 
@@ -92,14 +119,8 @@ def cmd_users(args: argparse.Namespace) -> int:
     from service.keys import KeySchema
     from service.users import provision_sync
 
-    if args.action == "import":
-        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
-        with stream:
-            raw = [line.split(",")[0].strip() for line in stream]
-        values = [v for v in raw if v and not v.startswith("#")]
-    else:
-        values = args.ids
-    ids = read_user_ids(values)
+    values = read_id_file(args.file) if args.action == "import" else args.ids
+    ids = list(dict.fromkeys(read_user_ids(values)))  # de-duplicated, order kept
     settings = settings_for_database()
     client = sync_redis(settings)
     check_redis_sync(client)
@@ -107,7 +128,9 @@ def cmd_users(args: argparse.Namespace) -> int:
     with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
         for start in range(0, len(ids), 10_000):
             chunk = ids[start : start + 10_000]
-            created += provision_sync(conn, client, KeySchema(settings.partitions), settings.top_n, chunk)
+            created += provision_sync(
+                conn, client, KeySchema(settings.partitions), settings.top_n, chunk
+            )
     print(f"users: {created} created, {len(ids) - created} already existed")
     return 0
 

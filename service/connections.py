@@ -6,40 +6,51 @@ about a second (then 503 with Retry-After), never a hang.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+import redis.asyncio.retry
+import redis.exceptions
+import redis.retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from service.settings import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 SOCKET_TIMEOUT_S = 0.5
 CONNECT_TIMEOUT_S = 0.25
 SAFE_EVICTION_POLICY = "noeviction"
 
 
-def _redis_options() -> dict[str, Any]:
-    # One immediate retry on a broken connection: after a Redis restart, the first use of a
-    # pooled connection fails and a fresh one succeeds. Timeouts are not retried.
-    return {
-        "socket_timeout": SOCKET_TIMEOUT_S,
-        "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "retry": Retry(NoBackoff(), 1),
-        "retry_on_timeout": False,
-        "health_check_interval": 0,
-    }
+# One immediate retry on a broken connection: after a Redis restart, the first use of a
+# pooled connection fails and a fresh one succeeds. Timeouts are not retried: a hung Redis
+# costs one socket timeout, not two. (The asyncio client needs its own Retry class: given the
+# blocking one, it silently never retries.)
+_RETRIED = (redis.exceptions.ConnectionError,)
 
 
 def async_redis(settings: Settings, **overrides: Any) -> aioredis.Redis:
     """An asyncio client with bounded timeouts."""
-    return aioredis.Redis.from_url(settings.redis_url, **(_redis_options() | overrides))
+    options: dict[str, Any] = {
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "retry": redis.asyncio.retry.Retry(NoBackoff(), 1, _RETRIED),
+        "health_check_interval": 0,
+    }
+    return aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
 
 
 def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
     """A blocking client with bounded timeouts (CLI, persister)."""
-    options = _redis_options() | {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+    options: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "retry": redis.retry.Retry(NoBackoff(), 1, _RETRIED),
+        "health_check_interval": 0,
+    }
     return redis.Redis.from_url(settings.redis_url, **(options | overrides))
 
 
@@ -61,3 +72,18 @@ def check_redis_sync(client: redis.Redis) -> None:
     problem = eviction_problem(client.info("memory"))
     if problem:
         raise ConfigError(problem)
+
+
+def refuse_evicting_redis(settings: Settings) -> None:
+    """Before serving: ConfigError for a Redis that could evict our keys.
+
+    A Redis that is not reachable yet is not refused: the service starts, reports
+    "unavailable" on /readyz and answers 503 until Redis is up.
+    """
+    client = sync_redis(settings, socket_timeout=2.0, socket_connect_timeout=1.0)
+    try:
+        check_redis_sync(client)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
+    finally:
+        client.close()

@@ -8,6 +8,7 @@ a ready-to-paste curl. Ctrl-C stops everything it started.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import secrets
@@ -77,6 +78,8 @@ def _demo_traffic(base: str, tokens: dict[str, str], stop: threading.Event) -> N
     """Random players scoring, a few times a second, so the live page moves."""
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per simulated score
+
     with httpx.Client(base_url=base, timeout=5) as client:
         while not stop.wait(random.uniform(0.1, 0.4)):  # noqa: S311 - not cryptography
             user = random.choice(list(tokens))  # noqa: S311
@@ -92,7 +95,9 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
     data = data.resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    if not any(env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")):
+    if not any(
+        env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")
+    ):
         env["SCORE_JWT_SECRET"] = _dev_secret(data)
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
@@ -108,14 +113,16 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             children.append(subprocess.Popen([*cli, "worker"], env=env))
             import httpx
 
-            wait_for(lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 60, "the service")
+            wait_for(
+                lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 60, "the service"
+            )
             token = _cli(env, "token", "alice")
             print(
                 f"\nscore-service is running at {base}/  (live leaderboard)\n\n"
                 f"Try it:\n  curl -s -X POST {base}/api/v1/score \\\n"
                 f"    -H 'Authorization: Bearer {token}' \\\n"
                 f"    -H 'Content-Type: application/json' \\\n"
-                f"    -d '{{\"user_id\": \"alice\", \"score_increase\": 100}}'\n"
+                f'    -d \'{{"user_id": "alice", "score_increase": 100}}\'\n'
                 f"  curl -s {base}/api/v1/leaderboard\n\n"
                 f"Demo users: {', '.join(DEMO_USERS)}; mint a token with `score-service token ID`"
                 f" (SCORE_JWT_SECRET is in {data / 'dev-jwt-secret'}).\nCtrl-C stops everything.\n",
@@ -123,7 +130,9 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             )
             if demo:
                 tokens = {u: _cli(env, "token", u, "--ttl", "86400") for u in DEMO_USERS}
-                threading.Thread(target=_demo_traffic, args=(base, tokens, stop), daemon=True).start()
+                threading.Thread(
+                    target=_demo_traffic, args=(base, tokens, stop), daemon=True
+                ).start()
                 print("playing simulated traffic (--demo)", flush=True)
             while all(c.poll() is None for c in children):
                 time.sleep(0.5)

@@ -46,7 +46,7 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         try:
             if check():
                 return
-        except Exception as exc:  # noqa: BLE001 - not up yet
+        except Exception as exc:  # not up yet
             last = exc
         time.sleep(0.05)
     raise ServerError(f"{what} did not come up within {timeout:.0f}s (last error: {last!r})")
@@ -155,7 +155,11 @@ class RedisServer:
     def _alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             err = self.process.stderr.read().decode() if self.process.stderr else ""
-            log = (self.directory / "redis.log").read_text() if (self.directory / "redis.log").exists() else ""
+            log = (
+                (self.directory / "redis.log").read_text()
+                if (self.directory / "redis.log").exists()
+                else ""
+            )
             raise ServerError(f"redis-server exited: {(err + log)[-1500:]}")
         return True
 
@@ -197,6 +201,7 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         import psycopg
+        import psycopg.sql
 
         bindir = postgres_bindir()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -205,7 +210,7 @@ class PostgresServer:
             run = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                  "-E", "UTF8", "--locale=C", *([] if self.fsync else ["--no-sync"])],
-                capture_output=True, text=True, cwd=self.directory, **self._as_user(),
+                capture_output=True, text=True, check=False, cwd=self.directory, **self._as_user(),
             )  # fmt: skip
             if run.returncode != 0:
                 raise ServerError(f"initdb failed: {run.stderr[-1500:]}")
@@ -233,7 +238,11 @@ class PostgresServer:
                 "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
             ).fetchone()
             if not exists:
-                conn.execute(f'CREATE DATABASE "{self.database}"')  # type: ignore[arg-type]
+                conn.execute(
+                    psycopg.sql.SQL("CREATE DATABASE {}").format(
+                        psycopg.sql.Identifier(self.database)
+                    )
+                )
         return self
 
     def stop(self) -> None:
@@ -251,7 +260,9 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def throwaway(directory: Path, *, fsync: bool = True) -> Iterator[tuple[RedisServer, PostgresServer]]:
+def throwaway(
+    directory: Path, *, fsync: bool = True
+) -> Iterator[tuple[RedisServer, PostgresServer]]:
     """Redis and Postgres under `directory`, stopped on exit."""
     redis_server = RedisServer(directory / "redis").start()
     try:

@@ -17,9 +17,7 @@ PROBLEM_JSON = "application/problem+json"
 class ApiError(Exception):
     """Raised anywhere in a handler; rendered as problem+json by the app."""
 
-    def __init__(
-        self, status: int, detail: str, headers: Mapping[str, str] | None = None
-    ) -> None:
+    def __init__(self, status: int, detail: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail

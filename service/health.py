@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service import persister_lag
 from service.context import Context
 from service.models import encoder
 
@@ -17,6 +18,8 @@ PG_CHECK_TIMEOUT_S = 1.0
 
 
 class Readiness(msgspec.Struct):
+    """Body of /readyz."""
+
     status: str  # "ready", "degraded" (Postgres down: the hot path still works) or "unavailable"
     redis: str
     postgres: str
@@ -29,10 +32,22 @@ async def healthz(request: Request) -> Response:
 
 
 async def postgres_status(ctx: Context) -> str:
+    """ "ok", or "down: <why>" when Postgres does not answer within a second."""
     try:
         async with asyncio.timeout(PG_CHECK_TIMEOUT_S), ctx.pg.connection() as conn:
             await conn.execute("SELECT 1")
-    except Exception as exc:  # noqa: BLE001 - any failure is "down", reported, not raised
+    except Exception as exc:  # any failure is "down": reported, not raised
+        return f"down: {type(exc).__name__}"
+    return "ok"
+
+
+async def redis_status(ctx: Context) -> str:
+    """ "ok", "loading", or "down: <why>"."""
+    try:
+        await ctx.redis.ping()
+    except redis.exceptions.BusyLoadingError:
+        return "loading"
+    except redis.exceptions.RedisError as exc:
         return f"down: {type(exc).__name__}"
     return "ok"
 
@@ -44,21 +59,19 @@ async def readyz(request: Request) -> Response:
     persister catches up when Postgres returns.
     """
     ctx: Context = request.app.state.ctx
-    redis_state = "ok"
-    try:
-        await ctx.redis.ping()
-    except redis.exceptions.BusyLoadingError:
-        redis_state = "loading"
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        redis_state = f"down: {type(exc).__name__}"
-    pg_state = await postgres_status(ctx)
+    redis_state, pg_state = await asyncio.gather(redis_status(ctx), postgres_status(ctx))
     if redis_state != "ok" or not ctx.ready:
-        body = Readiness("unavailable", redis_state, pg_state, "" if ctx.ready else ctx.not_ready_reason)
-        return Response(encoder.encode(body), status_code=503, media_type="application/json",
-                        headers={"Retry-After": "1"})
+        reason = "" if ctx.ready else ctx.not_ready_reason
+        body = encoder.encode(Readiness("unavailable", redis_state, pg_state, reason))
+        return Response(
+            body, status_code=503, media_type="application/json", headers={"Retry-After": "1"}
+        )
     status = "ready" if pg_state == "ok" else "degraded"
-    return Response(encoder.encode(Readiness(status, redis_state, pg_state)), media_type="application/json")
+    body = encoder.encode(Readiness(status, redis_state, pg_state))
+    return Response(body, media_type="application/json")
 
 
 async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this process's metrics, and the persister's lag (from Redis)."""
+    await persister_lag.refresh(request.app.state.ctx)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -54,6 +54,27 @@ class PartitionKeys:
         """STRING set by the hot path when it has asked the persister for a flush."""
         return f"{PREFIX}:{self.tag}:flush"
 
+    @property
+    def persist_lock(self) -> str:
+        """STRING lock: one persister flush of this partition at a time (rebuild and
+        reconcile hold it to pause the persister)."""
+        return f"{PREFIX}:{self.tag}:persist:lock"
+
+    @property
+    def persist_stats(self) -> str:
+        """HASH of the persister's counters: events, batches, dead (for /metrics)."""
+        return f"{PREFIX}:{self.tag}:persist:stats"
+
+    @property
+    def persist_failures(self) -> str:
+        """HASH event id -> failed attempts, for events Postgres refused (dead-letter after N)."""
+        return f"{PREFIX}:{self.tag}:persist:failures"
+
+    @property
+    def rebuilt_leaderboard(self) -> str:
+        """ZSET a rebuild fills before it replaces `leaderboard` with it (same hash tag)."""
+        return f"{PREFIX}:{self.tag}:leaderboard:rebuilt"
+
     def rate(self, user_id: str) -> str:
         """STRING: the user's GCRA theoretical arrival time."""
         return f"{PREFIX}:{self.tag}:rate:{user_id}"
@@ -82,3 +103,8 @@ class KeySchema:
         A Redis without it (new, wiped) must be rebuilt from Postgres before serving.
         """
         return f"{PREFIX}:ready"
+
+    @property
+    def rebuild_lock(self) -> str:
+        """STRING lock: one rebuild at a time across every service and CLI process."""
+        return f"{PREFIX}:rebuild:lock"

@@ -1,4 +1,8 @@
-"""Public reads: GET /api/v1/leaderboard and GET /api/v1/users/{user_id}."""
+"""Public reads: GET /api/v1/leaderboard and GET /api/v1/users/{user_id}.
+
+Ranks follow the leaderboard's one rule: equal scores share a rank (1 + the number of users
+with a strictly higher score) and are listed by user_id ascending.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +12,37 @@ from starlette.responses import Response
 
 from service.context import Context
 from service.errors import ApiError
-from service.leaderboard import EMPTY_VERSION, Row, build, rows_from_fields
+from service.leaderboard import build
 from service.models import Leaderboard, UserId, UserScore, encoder
 from service.redis_errors import redis_unavailable
-
+from service.tops import read_tops
 
 
 async def read_leaderboard(ctx: Context, limit: int) -> Leaderboard:
     """The top `limit` with its version, from each partition's latest top stream entry.
 
-    The top stream entry holds the top-N and its version together, so the REST body and the
-    live frames agree exactly. A partition that never published reads its ZSET directly.
+    The same atomic read as the live broadcaster's (`service.tops.read_tops`): the REST body
+    and the live frame of one version are the same, so a page can load by REST and follow
+    the stream without a gap.
     """
-    parts = ctx.schema.all()
     async with redis_unavailable():
-        pipe = ctx.redis.pipeline(transaction=False)
-        for p in parts:
-            pipe.xrevrange(p.top, count=1)
-        latest = await pipe.execute()
-        versions: list[str] = []
-        rows: list[list[Row]] = []
-        for p, entries in zip(parts, latest, strict=True):
-            if entries:
-                stream_id, fields = entries[0]
-                versions.append(stream_id.decode())
-                flat = [x for kv in fields.items() for x in kv]
-                rows.append(rows_from_fields(flat))
-            else:
-                top = await ctx.redis.zrange(p.leaderboard, 0, ctx.settings.top_n - 1, withscores=True)
-                versions.append(EMPTY_VERSION)
-                rows.append([(u.decode(), -int(s)) for u, s in top])
-    return build(versions, rows, limit)
+        tops = await read_tops(ctx.redis, ctx.schema, ctx.settings.top_n)
+    return build(tops.versions, tops.rows, limit)
 
 
 async def get_leaderboard(request: Request) -> Response:
+    """The top `limit` (default and maximum: SCORE_TOP_N) users, best first."""
     ctx: Context = request.app.state.ctx
     top_n = ctx.settings.top_n
     raw = request.query_params.get("limit", str(top_n))
-    if not raw.isdigit() or not 1 <= int(raw) <= top_n:
-        raise ApiError(400, f"limit must be an integer from 1 to {top_n}, got {raw!r}")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= top_n):
+        raise ApiError(400, f"limit must be an integer from 1 to {top_n}, got {raw[:32]!r}")
     board = await read_leaderboard(ctx, int(raw))
     return Response(encoder.encode(board), media_type="application/json")
 
 
 async def get_user(request: Request) -> Response:
+    """One user's score and rank; 404 for a user never provisioned."""
     ctx: Context = request.app.state.ctx
     user_id: str = request.path_params["user_id"]
     try:

@@ -11,18 +11,37 @@ from service.errors import ApiError
 
 RETRY_AFTER_S = 1
 
+# Redis answers, but cannot take writes right now: out of memory (noeviction), a replica,
+# a cluster failing over. Each passes; none is the client's fault.
+_UNAVAILABLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+
+def _unavailable(detail: str) -> ApiError:
+    return ApiError(503, detail, {"Retry-After": str(RETRY_AFTER_S)})
+
 
 @asynccontextmanager
 async def redis_unavailable() -> AsyncIterator[None]:
-    """Turn Redis outages inside the block into ApiError(503)."""
+    """Turn Redis outages inside the block into ApiError(503) with Retry-After."""
     try:
         yield
     except redis.exceptions.BusyLoadingError:
-        raise ApiError(
-            503, "Redis is loading its data; retry shortly", {"Retry-After": str(RETRY_AFTER_S)}
+        raise _unavailable("Redis is loading its data; retry shortly") from None
+    except _UNAVAILABLE as exc:
+        raise _unavailable(
+            f"the score store is unavailable ({type(exc).__name__}); retry shortly"
         ) from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise ApiError(
-            503, f"the score store is unavailable ({type(exc).__name__}); retry shortly",
-            {"Retry-After": str(RETRY_AFTER_S)},
+    except redis.exceptions.ResponseError as exc:
+        # MISCONF: Redis refuses writes because it cannot persist them (disk full, AOF error)
+        if not str(exc).startswith("MISCONF"):
+            raise
+        raise _unavailable(
+            "the score store cannot persist writes right now; retry shortly"
         ) from None

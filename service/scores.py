@@ -12,7 +12,7 @@ import re
 from typing import TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service.auth import AuthError
@@ -21,6 +21,7 @@ from service.errors import ApiError
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
 from service.redis_errors import redis_unavailable
 from service.scripts import Status, SubmitResult, prepare_submit
+from service.settings import MAX_SCORE
 
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -30,16 +31,27 @@ _JSON_TYPES = ("application/json", "application/problem+json")
 
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or 413 as soon as it is known to be larger than `limit`."""
+    """The request body, or 413 as soon as it is known to be larger than `limit`.
+
+    A declared Content-Length is trusted only to refuse early; a chunked body is counted as
+    it arrives, so no body larger than `limit` is ever held in memory.
+    """
+    too_large = ApiError(413, f"the request body must be at most {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise ApiError(413, f"the request body must be at most {limit} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body must be at most {limit} bytes")
-    return body
+    if declared is not None:
+        if not (declared.isascii() and declared.isdigit()):
+            raise ApiError(400, "the Content-Length header is not a number of bytes")
+        if int(declared) > limit:
+            raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected before sending the whole body") from None
+    return bytes(body)
 
 
 def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
@@ -53,6 +65,10 @@ def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T])
         raise ApiError(400, f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not valid UTF-8") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
@@ -70,6 +86,7 @@ def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
 
 
 async def post_score(request: Request) -> Response:
+    """Add `score_increase` to the caller's own score; the checks run in the contract's order."""
     ctx: Context = request.app.state.ctx
     body = await read_body(request)
     try:
@@ -104,7 +121,8 @@ async def post_score(request: Request) -> Response:
         raise ApiError(404, f"user {update.user_id!r} not found", headers)
     if status is Status.OUT_OF_RANGE:
         raise ApiError(
-            400, "the new score would exceed 9007199254740991 (2^53-1), the largest exact score",
+            400,
+            f"the new score would exceed {MAX_SCORE} (2^53-1), the largest exact score",
             headers,
         )
     if status is Status.IDEMPOTENCY_MISMATCH:

@@ -17,7 +17,10 @@ from typing import Any
 import msgspec
 import redis
 import redis.asyncio as aioredis
+import redis.exceptions
 
+from service.batching import AutoPipeline
+from service.connections import SOCKET_TIMEOUT_S
 from service.keys import KeySchema, PartitionKeys
 from service.settings import Settings
 
@@ -53,9 +56,10 @@ class SubmitResult(msgspec.Struct, frozen=True):
     top_version: str
 
 
-
 @dataclass(frozen=True, slots=True)
 class LuaSource:
+    """One script file: its name, key count and body."""
+
     name: str
     numkeys: int
     body: str
@@ -139,10 +143,20 @@ class Scripts:
     def __init__(self, client: aioredis.Redis) -> None:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
+        # The submits of all concurrent requests share one round trip (service/batching.py).
+        self._pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
 
     async def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
-        reply = await self._submit.script(keys=self._submit.checked(call.keys), args=call.args)
+        keys = self._submit.checked(call.keys)
+        if self._pipeline is None:
+            return parse_submit(await self._submit.script(keys=keys, args=call.args))
+        sha = self._submit.script.sha
+        try:
+            reply = await self._pipeline.execute("EVALSHA", sha, len(keys), *keys, *call.args)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted and lost its script cache: redis-py loads it and runs the call
+            reply = await self._submit.script(keys=keys, args=call.args)
         return parse_submit(reply)
 
     async def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
@@ -162,10 +176,12 @@ class SyncScripts:
         self._publish = _Registered("publish_top", client)
 
     def submit(self, call: Submit) -> SubmitResult:
+        """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
         reply = self._submit.script(keys=self._submit.checked(call.keys), args=call.args)
         return parse_submit(reply)
 
     def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
+        """Append the partition's current top-N to its top stream; the new version."""
         reply = self._publish.script(
             keys=self._publish.checked([keys.leaderboard, keys.top]),
             args=[top_n, TOP_STREAM_MAXLEN],
@@ -182,6 +198,7 @@ class _Registered:
         self.script: Any = client.register_script(src.body)
 
     def checked(self, keys: list[str]) -> list[str]:
+        """`keys`, or ValueError when their count is not the script's."""
         if len(keys) != self.numkeys:
             raise ValueError(f"{self.name} takes {self.numkeys} keys, got {len(keys)}")
         return keys

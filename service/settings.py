@@ -11,6 +11,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_pem_public_key,
+)
 
 MAX_SCORE = 2**53 - 1
 """Largest total a Redis sorted-set score (an IEEE double) holds exactly."""
@@ -22,6 +30,12 @@ _PLACEHOLDER_SECRETS = {"secret", "changeme", "change-me", "password", "dev", "t
 _MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as the hash
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(ms|s|m|h)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MIN_RSA_BITS = 2048  # RFC 7518 3.3
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_DATABASE_URL = "postgresql://localhost/score_service"
 
 
 class ConfigError(ValueError):
@@ -30,8 +44,10 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    redis_url: str = "redis://localhost:6379/0"
-    database_url: str = "postgresql://localhost/score_service"
+    """The service's configuration; build it with `Settings.from_env()`, which validates."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    database_url: str = DEFAULT_DATABASE_URL
     jwt_secret: str | None = None
     jwt_public_key: bytes | None = None
     jwt_private_key: bytes | None = None
@@ -52,6 +68,7 @@ class Settings:
     live_send_timeout_s: float = 5.0
     live_ping_interval_s: float = 20.0
     live_allowed_origins: tuple[str, ...] = ()
+    live_max_message_bytes: int = 1024
     # Persister
     persist_batch: int = 5_000
 
@@ -60,30 +77,35 @@ class Settings:
         """Build settings from `env` (default: os.environ); raise ConfigError when invalid."""
         e = os.environ if env is None else env
         secret = _opt(e, "SCORE_JWT_SECRET")
-        public_key = _read_key(e, "SCORE_JWT_PUBLIC_KEY")
+        public_key = _read_key(e, "SCORE_JWT_PUBLIC_KEY", private=False)
         jwks_url = _opt(e, "SCORE_JWT_JWKS_URL")
         if secret is None and public_key is None and jwks_url is None:
             raise ConfigError(
                 "no JWT key source: set SCORE_JWT_SECRET (development), "
                 "SCORE_JWT_PUBLIC_KEY (PEM file) or SCORE_JWT_JWKS_URL"
             )
-        if secret is not None:
-            if secret.lower() in _PLACEHOLDER_SECRETS or len(secret.encode()) < _MIN_SECRET_BYTES:
-                raise ConfigError(
-                    f"SCORE_JWT_SECRET is a placeholder or shorter than {_MIN_SECRET_BYTES} "
-                    "bytes: use a random secret, e.g. `python -c 'import secrets; "
-                    "print(secrets.token_urlsafe(32))'`"
-                )
-        if jwks_url is not None and not jwks_url.startswith(("https://", "http://")):
-            raise ConfigError(f"SCORE_JWT_JWKS_URL must be an http(s) URL, got {jwks_url!r}")
+        if secret is not None and (
+            secret.lower() in _PLACEHOLDER_SECRETS or len(secret.encode()) < _MIN_SECRET_BYTES
+        ):
+            raise ConfigError(
+                f"SCORE_JWT_SECRET is a placeholder or shorter than {_MIN_SECRET_BYTES} "
+                "bytes: use a random secret, e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
+        if jwks_url is not None:
+            _check_url("SCORE_JWT_JWKS_URL", jwks_url, ("http", "https"))
+        redis_url = _opt(e, "REDIS_URL") or DEFAULT_REDIS_URL
+        _check_url("REDIS_URL", redis_url, _REDIS_SCHEMES)
+        database_url = _opt(e, "DATABASE_URL") or DEFAULT_DATABASE_URL
+        _check_url("DATABASE_URL", database_url, _POSTGRES_SCHEMES)
         rate_limit = e.get("SCORE_RATE_LIMIT", "10/s")
         origins = _opt(e, "SCORE_LIVE_ALLOWED_ORIGINS")
         return cls(
-            redis_url=e.get("REDIS_URL", cls.redis_url),
-            database_url=e.get("DATABASE_URL", cls.database_url),
+            redis_url=redis_url,
+            database_url=database_url,
             jwt_secret=secret,
             jwt_public_key=public_key,
-            jwt_private_key=_read_key(e, "SCORE_JWT_PRIVATE_KEY"),
+            jwt_private_key=_read_key(e, "SCORE_JWT_PRIVATE_KEY", private=True),
             jwt_jwks_url=jwks_url,
             jwt_issuer=_opt(e, "SCORE_JWT_ISSUER"),
             jwt_audience=_opt(e, "SCORE_JWT_AUDIENCE"),
@@ -100,6 +122,7 @@ class Settings:
             live_send_timeout_s=_int(e, "SCORE_LIVE_SEND_TIMEOUT_MS", 5000, 100, 600_000) / 1000,
             live_ping_interval_s=_int(e, "SCORE_LIVE_PING_INTERVAL_MS", 20_000, 100, 600_000)
             / 1000,
+            live_max_message_bytes=_int(e, "SCORE_LIVE_MAX_MESSAGE_BYTES", 1024, 1, 1_048_576),
             live_allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip())
             if origins
             else (),
@@ -112,7 +135,30 @@ def _opt(env: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-def _read_key(env: Mapping[str, str], name: str) -> bytes | None:
+def algorithm_for(key: Any) -> str:
+    """The one JWS algorithm a key (public or private) may be used with: no algorithm
+    confusion. ValueError for a key type or size the service does not accept."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise ValueError(f"an RSA key must have at least {_MIN_RSA_BITS} bits")
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        if key.curve.name not in _EC_ALGORITHMS:
+            raise ValueError(f"unsupported elliptic curve {key.curve.name}")
+        return _EC_ALGORITHMS[key.curve.name]
+    if isinstance(
+        key,
+        ed25519.Ed25519PublicKey
+        | ed25519.Ed25519PrivateKey
+        | ed448.Ed448PublicKey
+        | ed448.Ed448PrivateKey,
+    ):
+        return "EdDSA"
+    raise ValueError(f"unsupported key type {type(key).__name__} (use RSA, EC or Ed25519)")
+
+
+def _read_key(env: Mapping[str, str], name: str, *, private: bool) -> bytes | None:
+    """The PEM file named by `name`, checked now so that a bad key fails at startup."""
     path = _opt(env, name)
     if path is None:
         return None
@@ -120,9 +166,27 @@ def _read_key(env: Mapping[str, str], name: str) -> bytes | None:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
-    if b"-----BEGIN" not in data:
-        raise ConfigError(f"{name}: {path} is not a PEM file")
+    kind = "private" if private else "public"
+    try:
+        key = load_pem_private_key(data, password=None) if private else load_pem_public_key(data)
+        algorithm_for(key)
+    except (ValueError, TypeError) as exc:
+        # TypeError: an encrypted private key; ValueError: not PEM, or not this kind of key
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{name}: {path} is not a usable {kind} key in PEM: {message}") from None
     return data
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    # The URL itself is not echoed: it may carry a password.
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{name} must be a URL with scheme {' or '.join(schemes)}, "
+            f"got scheme {parts.scheme or 'none'!r}"
+        )
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        raise ConfigError(f"{name} must name a host")
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -142,7 +206,9 @@ def _parse_rate(raw: str) -> int:
     """'10/s', '600/m', '5/10s' -> microseconds between requests (GCRA emission interval)."""
     m = _RATE.match(raw)
     if not m or int(m.group(1)) == 0:
-        raise ConfigError(f"SCORE_RATE_LIMIT must look like '10/s', '600/m' or '5/10s', got {raw!r}")
+        raise ConfigError(
+            f"SCORE_RATE_LIMIT must look like '10/s', '600/m' or '5/10s', got {raw!r}"
+        )
     count, multiple, unit = int(m.group(1)), int(m.group(2) or 1), m.group(3)
     interval = round(multiple * _UNITS[unit] * 1_000_000 / count)
     if interval < 1:

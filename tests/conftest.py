@@ -14,8 +14,10 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import redis
@@ -96,10 +98,41 @@ def pg(servers: Servers, r: redis.Redis) -> Iterator[psycopg.Connection[tuple[ob
         yield conn
 
 
+def assert_problem(resp: httpx.Response, status: int, *words: str) -> dict[str, object]:
+    """`resp` is an RFC 9457 problem with this status whose detail mentions `words`."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = resp.json()
+    assert body["status"] == status
+    assert body["title"] == HTTPStatus(status).phrase
+    for word in words:
+        assert word in str(body["detail"]), body["detail"]
+    return body
+
+
 @pytest.fixture
-def add_users(
-    settings: Settings, r: redis.Redis, servers: Servers
-) -> Callable[..., list[str]]:
+def snapshot(
+    r: redis.Redis, pg: psycopg.Connection[tuple[object, ...]]
+) -> Callable[[], tuple[object, ...]]:
+    """Take the state of both stores (every Redis key's DUMP, every Postgres row): equal
+    snapshots around a refused request prove that it changed nothing. Keys about to expire
+    by themselves (a fast rate limit's state lives a millisecond) are left out."""
+
+    def take() -> tuple[object, ...]:
+        keys: dict[bytes, object] = {}
+        for key in sorted(r.scan_iter(count=1000)):
+            ttl = r.pttl(key)  # -1: no expiry, -2: already gone
+            if ttl == -1 or ttl >= 1000:
+                keys[key] = r.dump(key)
+        users = pg.execute("SELECT * FROM users ORDER BY user_id").fetchall()
+        events = pg.execute("SELECT * FROM score_events ORDER BY event_id").fetchall()
+        return keys, users, events
+
+    return take
+
+
+@pytest.fixture
+def add_users(settings: Settings, r: redis.Redis, servers: Servers) -> Callable[..., list[str]]:
     """Provision users (random ids unless given); returns their ids."""
 
     def add(*ids: str, count: int = 0) -> list[str]:
@@ -136,8 +169,6 @@ class Service:
 
 def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
     """`score-service serve` as a real process (uvicorn, uvloop, httptools)."""
-    import httpx
-
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(

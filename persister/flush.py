@@ -1,0 +1,202 @@
+"""Draining a partition's events stream into Postgres: the work of one flush job.
+
+A flush takes the partition's lock, clears the flush flag (so the next accepted increment asks
+for another flush), then reads batches until the stream is drained: reclaimed entries first,
+then new ones. Each batch is one Postgres transaction; its entries are acknowledged only after
+COMMIT, then the stream is trimmed. While one flush runs, new events pile up for the next
+read: under load, batches grow by themselves (group commit).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+
+import redis
+from redis.lock import Lock
+
+from persister import faults
+from persister.events import Event, StreamEntry, parse_all
+from persister.locks import flush_lock
+from persister.store import TRANSIENT, Store
+from persister.stream import EventStream
+from service.connections import sync_redis
+from service.keys import KeySchema
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FLUSH_BUDGET_S = 30.0
+"""A flush stops after this long (the next one continues), so one job never runs forever."""
+LOCK_WAIT_S = 2.0
+"""A requested flush waits this long for a running one of the same partition to finish."""
+MAX_FAILURES = 5
+"""An event Postgres refuses this many times (a second apart at least) is dead-lettered."""
+BACKOFF_BASE_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after `failures` consecutive failures: exponential, capped, jittered
+    ("equal jitter": between half and all of the ceiling, so retries spread but never spin)."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 16))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+@dataclass
+class Drained:
+    """What one flush did."""
+
+    partition: int
+    events: int = 0
+    new: int = 0
+    batches: int = 0
+    dead: int = 0
+    waiting_for_postgres: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+class Persister:
+    """Drains events into Postgres. One per worker process (it keeps a Postgres connection,
+    and the backoff state survives from one flush to the next)."""
+
+    def __init__(self, settings: Settings, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.schema = KeySchema(settings.partitions)
+        self.redis = sync_redis(settings)
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.store = Store(settings.database_url)
+        self._failures = 0
+
+    def close(self) -> None:
+        """Close the Postgres connection and the Redis client."""
+        self.store.close()
+        self.redis.close()
+
+    def stream(self, partition: int) -> EventStream:
+        """The partition's events stream, as this persister's consumer."""
+        return EventStream(self.redis, self.schema.all()[partition], self.consumer)
+
+    def drain(
+        self, partition: int, *, budget_s: float = FLUSH_BUDGET_S, wait_s: float = LOCK_WAIT_S
+    ) -> Drained | None:
+        """Persist the partition's waiting events; None if another flush holds it (that flush
+        reads our events too: the flag was cleared when it started)."""
+        keys = self.schema.all()[partition]
+        lock = flush_lock(self.redis, keys)
+        if not lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s):
+            return None
+        try:
+            self.redis.delete(keys.flush_flag)
+            return self._drain(self.stream(partition), lock, time.monotonic() + budget_s)
+        finally:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                log.warning(
+                    "partition %d: the flush lock expired before the flush ended", partition
+                )
+
+    def _drain(self, stream: EventStream, lock: Lock, deadline: float) -> Drained:
+        done = Drained(stream.keys.index)
+        while time.monotonic() < deadline:
+            reclaimed, fresh = stream.read(self.settings.persist_batch)
+            if not reclaimed and not fresh:
+                break
+            if not self._persist(stream, reclaimed, fresh, lock=lock, deadline=deadline, done=done):
+                done.waiting_for_postgres = True
+                break
+            if not _renew(lock):
+                break
+        return done
+
+    def _persist(
+        self,
+        stream: EventStream,
+        reclaimed: list[StreamEntry],
+        fresh: list[StreamEntry],
+        *,
+        lock: Lock,
+        deadline: float,
+        done: Drained,
+    ) -> bool:
+        """Commit one batch, then acknowledge it; False if Postgres stayed unavailable until
+        the deadline (the batch stays pending and a later flush reclaims it)."""
+        events, malformed = parse_all(reclaimed + fresh)
+        inserted, refused = 0, list[tuple[Event, Exception]]()
+        while events:
+            try:
+                inserted, refused = self.store.apply(events)
+                break
+            except TRANSIENT as exc:
+                self._failures += 1
+                delay = backoff(self._failures)
+                log.warning(
+                    "partition %d: Postgres unavailable (%s: %s); %d events wait in Redis; "
+                    "retrying in %.1fs",
+                    stream.keys.index, type(exc).__name__, str(exc).strip()[:200],
+                    len(events), delay,
+                )  # fmt: skip
+                self.store.close()
+                # renewed on both sides of the sleep: an attempt plus a sleep may outlast it
+                if time.monotonic() + delay > deadline or not _renew(lock):
+                    return False
+                time.sleep(delay)
+                if not _renew(lock):
+                    return False
+        self._failures = 0
+        faults.point("after-commit")
+        dead = 0
+        for entry, reason in malformed:  # cannot succeed later: dead-letter at once
+            stream.dead_letter(entry, f"malformed: {reason}")
+            dead += 1
+        for event, error in refused:
+            dead += self._refused(stream, event, error)
+        refused_ids = {event.stream_id for event, _ in refused}
+        committed = [e.stream_id for e in events if e.stream_id not in refused_ids]
+        if committed:
+            again = {e[0].decode() for e in reclaimed}
+            maybe_failed = [e.event_id for e in events if e.stream_id in again]
+            stream.ack(committed, maybe_failed)  # and trims
+        elif dead:
+            stream.trim()  # dead letters are acknowledged: they need not stay in the stream
+        done.dead += dead
+        done.events += len(committed)
+        done.new += inserted
+        done.batches += 1
+        return True
+
+    def _refused(self, stream: EventStream, event: Event, exc: Exception) -> int:
+        """Count a refusal; dead-letter the event once it has failed MAX_FAILURES times.
+        Until then it stays pending, and is retried when reclaimed (in a second at least)."""
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        failures = stream.record_failure(event)
+        if failures < MAX_FAILURES:
+            log.warning(
+                "partition %d: Postgres refused event %s (%d/%d): %s",
+                stream.keys.index, event.stream_id, failures, MAX_FAILURES, reason,
+            )  # fmt: skip
+            return 0
+        fields = {b"e": event.event_id.encode(), b"u": event.user_id.encode(),
+                  b"d": str(event.delta).encode()}  # fmt: skip
+        stream.dead_letter((event.stream_id.encode(), fields), reason, event.event_id)
+        return 1
+
+
+def _renew(lock: Lock) -> bool:
+    """Restart the flush lock's time to live; False if it was lost (it expired and another
+    flush took the partition): then stop, and leave the rest to that flush."""
+    try:
+        lock.reacquire()
+    except redis.exceptions.LockError:
+        log.warning("the flush lock %s was lost; stopping this flush", lock.name)
+        return False
+    return True

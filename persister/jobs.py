@@ -1,0 +1,156 @@
+"""The persister's RQ jobs, and how the service asks for them.
+
+- `flush(partition)`: requested by the hot path when its Lua call set the partition's flush
+  flag (only when no flush was pending), so while one flush runs, new events pile up for it.
+- `sweep()`: every few seconds (RQ's cron, run by `score-service worker`), so that no event
+  waits longer than that even when no request arrives, a lost request or a killed worker
+  included.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+
+import redis
+from rq import Queue
+
+from persister.flush import FLUSH_BUDGET_S, Drained, Persister
+from service.cli import settings_for_database
+from service.connections import sync_redis
+from service.keys import PartitionKeys
+from service.persister_lag import read_lags_sync
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+QUEUE = "score-persister"
+JOB_TIMEOUT_S = int(FLUSH_BUDGET_S) + 60
+"""A flush ends on its own within its budget plus one batch; RQ kills it after this."""
+FAILURE_TTL_S = 7 * 24 * 3600
+REPORT_EVERY_S = 60.0
+"""How often the sweep logs the lag of every partition (and forgets dead consumers)."""
+DEAD_CONSUMER_IDLE_MS = 3600 * 1000
+LAGGING_S = 30.0
+"""A sweep that finds an event older than this logs a warning."""
+
+
+class _Every:
+    """`due()` is True at most once per `seconds` (in this process)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -seconds
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+_report = _Every(REPORT_EVERY_S)
+
+
+@functools.cache
+def persister() -> Persister:
+    """This process's Persister, configured from the environment."""
+    return Persister(settings_for_database())
+
+
+def flush(partition: int) -> None:
+    """RQ job: persist the partition's waiting events."""
+    _log_drained(persister(), persister().drain(partition))
+
+
+def sweep() -> None:
+    """RQ job, periodic: persist every partition's waiting events (skipping a partition that
+    a flush is draining right now), and report the lag now and then."""
+    p = persister()
+    for partition in range(p.settings.partitions):
+        _log_drained(p, p.drain(partition, wait_s=0))
+    if _report.due():
+        _log_lags(p, p.schema.all(), report=True)
+        for partition in range(p.settings.partitions):
+            p.stream(partition).forget_idle_consumers(DEAD_CONSUMER_IDLE_MS)
+
+
+def _log_drained(p: Persister, done: Drained | None) -> None:
+    """Log what a flush did, if it did anything."""
+    if done is None or not (done.events or done.dead or done.waiting_for_postgres):
+        return
+    rate = done.events / done.seconds if done.seconds > 0 else 0.0
+    log.info(
+        "partition %d: persisted %d events (%d new, %d already in the ledger) in %d batches, "
+        "%.2fs, %.0f events/s%s%s",
+        done.partition, done.events, done.new, done.events - done.new, done.batches,
+        done.seconds, rate,
+        f"; {done.dead} dead-lettered" if done.dead else "",
+        "; Postgres unavailable, events wait in Redis" if done.waiting_for_postgres else "",
+    )  # fmt: skip
+    _log_lags(p, [p.schema.all()[done.partition]], report=False)
+
+
+def _log_lags(p: Persister, parts: list[PartitionKeys], *, report: bool) -> None:
+    """Log the lag of `parts`: always if `report`, else only when events wait."""
+    for lag in read_lags_sync(p.redis, parts):
+        level = logging.WARNING if lag.oldest_age_s > LAGGING_S else logging.INFO
+        if report or level == logging.WARNING or lag.unpersisted:
+            log.log(
+                level,
+                "partition %d lag: %d events not yet in Postgres (%d pending), oldest %.1fs; "
+                "%d persisted in all, %d dead letters",
+                lag.partition, lag.unpersisted, lag.pending, lag.oldest_age_s, lag.persisted,
+                lag.dead_letters,
+            )  # fmt: skip
+
+
+def enqueue_flush(rq_queue: Queue, partition: int) -> None:
+    """Put a flush job for `partition` on the persister's queue."""
+    rq_queue.enqueue(
+        flush,
+        partition,
+        job_timeout=JOB_TIMEOUT_S,
+        result_ttl=0,
+        failure_ttl=FAILURE_TTL_S,
+        description=f"flush partition {partition}",
+    )
+
+
+class FlushRequester:
+    """The service's `request_flush`: hands the request to a background thread that enqueues
+    the RQ job, so the hot path never waits for RQ's round trips to Redis. Requests that pile
+    up while one is enqueued are merged. A request lost here (Redis down) is made good by the
+    flag's expiry (the next increment asks again) and by the sweep."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._wanted: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def __call__(self, partition: int) -> None:
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:  # started lazily: in the process that serves
+                    self._thread = threading.Thread(
+                        target=self._run, name="flush-requests", daemon=True
+                    )
+                    self._thread.start()
+        self._wanted.put(partition)
+
+    def _run(self) -> None:
+        rq_queue = Queue(QUEUE, connection=sync_redis(self._settings))
+        while True:
+            wanted = {self._wanted.get()}
+            while not self._wanted.empty():
+                wanted.add(self._wanted.get())
+            for partition in sorted(wanted):
+                try:
+                    enqueue_flush(rq_queue, partition)
+                except redis.RedisError as exc:
+                    log.warning("could not request a flush of partition %d: %s", partition, exc)

@@ -1,0 +1,121 @@
+"""The Postgres side of the persister: apply a batch of events exactly once.
+
+One statement per batch: insert the events into the ledger (`score_events`, event id unique)
+with ON CONFLICT DO NOTHING, and add to `users.score` only the deltas of the rows actually
+inserted. Applying a batch twice, or batches out of order, changes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import psycopg
+
+from persister import faults
+from persister.events import Event
+
+log = logging.getLogger(__name__)
+
+STATEMENT_TIMEOUT_MS = 5000
+"""A hung Postgres (a lock held too long, an overloaded server) costs a batch this long, then
+the batch is retried with backoff. Shorter than the flush lock's time to live."""
+CONNECT_TIMEOUT_S = 3
+
+TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError)
+"""Postgres down, hung, restarting, or a deadlock: retry the batch later."""
+REFUSED = (psycopg.IntegrityError, psycopg.DataError)
+"""Postgres refuses an event itself (unknown user, a score out of range): isolate it."""
+
+APPLY = """
+WITH batch AS (
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::text[])
+        AS b(event_id, user_id, delta, stream_id)
+), inserted AS (
+    INSERT INTO score_events (event_id, user_id, delta, stream_id)
+    SELECT event_id, user_id, delta, stream_id FROM batch
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING user_id, delta
+), totals AS (
+    SELECT user_id, sum(delta) AS delta FROM inserted GROUP BY user_id
+), updated AS (
+    UPDATE users AS u SET score = u.score + t.delta, updated_at = now()
+    FROM totals AS t WHERE u.user_id = t.user_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted)
+"""
+
+Conn = psycopg.Connection[tuple[object, ...]]
+
+
+def _columns(events: Sequence[Event]) -> tuple[list[str], list[str], list[int], list[str]]:
+    return (
+        [e.event_id for e in events],
+        [e.user_id for e in events],
+        [e.delta for e in events],
+        [e.stream_id for e in events],
+    )
+
+
+def _apply(conn: Conn, events: Sequence[Event]) -> int:
+    row = conn.execute(APPLY, _columns(events)).fetchone()
+    return int(row[0]) if row else 0  # type: ignore[call-overload]
+
+
+class Store:
+    """A Postgres connection, opened on first use and again after it breaks."""
+
+    def __init__(self, database_url: str) -> None:
+        self._url = database_url
+        self._conn: Conn | None = None
+
+    def connection(self) -> Conn:
+        """The open connection (autocommit: each batch is an explicit transaction)."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(
+                self._url,
+                autocommit=True,
+                connect_timeout=CONNECT_TIMEOUT_S,
+                application_name="score-persister",
+                options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            )
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (the next use opens another)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def apply(self, events: Sequence[Event]) -> tuple[int, list[tuple[Event, Exception]]]:
+        """Apply `events` in one transaction: (events new to the ledger, events refused).
+
+        When Postgres refuses the batch because of some of its events, the batch is applied
+        again one event at a time (a savepoint each), so the others are committed and only
+        the refused ones come back. Raises TRANSIENT errors: nothing was committed then.
+        """
+        conn = self.connection()
+        try:
+            with conn.transaction():
+                inserted = _apply(conn, events)
+                faults.point("before-commit")
+            return inserted, []
+        except REFUSED as exc:
+            log.warning("Postgres refused a batch of %d events (%s); isolating", len(events), exc)
+        return self._apply_each(conn, events)
+
+    def _apply_each(
+        self, conn: Conn, events: Sequence[Event]
+    ) -> tuple[int, list[tuple[Event, Exception]]]:
+        inserted = 0
+        refused: list[tuple[Event, Exception]] = []
+        with conn.transaction():
+            for event in events:
+                try:
+                    with conn.transaction():  # a savepoint
+                        inserted += _apply(conn, [event])
+                except REFUSED as exc:
+                    refused.append((event, exc))
+            faults.point("before-commit")
+        return inserted, refused

@@ -1,0 +1,136 @@
+"""One partition's events stream, seen by one consumer of the persister's group.
+
+Entries are acknowledged only after Postgres has committed them, and the stream is trimmed
+with MINID below the oldest entry still pending (never MAXLEN): an entry leaves Redis only
+once Postgres has it, or once it has been moved to the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+
+from persister.events import Event, StreamEntry, next_id
+from service.keys import PartitionKeys
+from service.persister_lag import PERSISTER_GROUP
+
+log = logging.getLogger(__name__)
+
+CLAIM_IDLE_MS = 1000
+"""Entries pending this long are reclaimed. Callers hold the partition's flush lock, so no
+other consumer is working on them: they belong to a dead consumer, or were refused by
+Postgres and wait for another attempt (spaced by this much)."""
+FAILURES_TTL_S = 24 * 3600
+
+
+class EventStream:
+    """Reads, acknowledges, trims and dead-letters entries of one partition's stream."""
+
+    def __init__(self, client: redis.Redis, keys: PartitionKeys, consumer: str) -> None:
+        self.client = client
+        self.keys = keys
+        self.consumer = consumer
+
+    def ensure_group(self) -> None:
+        """Create the persister's group, reading from the stream's start (idempotent)."""
+        try:
+            self.client.xgroup_create(self.keys.events, PERSISTER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, count: int) -> tuple[list[StreamEntry], list[StreamEntry]]:
+        """Up to `count` entries: (reclaimed from a dead consumer or a failed attempt, new)."""
+        try:
+            return self._read(count)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        self.ensure_group()  # a new or wiped Redis
+        return self._read(count)
+
+    def _read(self, count: int) -> tuple[list[StreamEntry], list[StreamEntry]]:
+        reply = self.client.xautoclaim(
+            self.keys.events, PERSISTER_GROUP, self.consumer, CLAIM_IDLE_MS, "0-0", count=count
+        )
+        claimed: list[StreamEntry] = [e for e in reply[1] if e[1] is not None]
+        fresh: list[StreamEntry] = []
+        if len(claimed) < count:
+            streams: Any = self.client.xreadgroup(
+                PERSISTER_GROUP, self.consumer, {self.keys.events: ">"}, count=count - len(claimed)
+            )
+            fresh = streams[0][1] if streams else []
+        return claimed, fresh
+
+    def ack(self, stream_ids: Sequence[str], reclaimed: Sequence[str]) -> None:
+        """Acknowledge committed entries, count them, and trim what no one needs any more.
+
+        `reclaimed`: the event ids among them that may have a failure record to forget.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.keys.events, PERSISTER_GROUP, *stream_ids)
+        pipe.hincrby(self.keys.persist_stats, "events", len(stream_ids))
+        pipe.hincrby(self.keys.persist_stats, "batches", 1)
+        if reclaimed:
+            pipe.hdel(self.keys.persist_failures, *reclaimed)
+        pipe.xpending(self.keys.events, PERSISTER_GROUP)
+        pipe.xinfo_groups(self.keys.events)
+        self._trim(*pipe.execute(raise_on_error=False)[-2:])
+
+    def trim(self) -> None:
+        """Trim the stream below the oldest entry not yet acknowledged."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xpending(self.keys.events, PERSISTER_GROUP)
+        pipe.xinfo_groups(self.keys.events)
+        self._trim(*pipe.execute(raise_on_error=False))
+
+    def _trim(self, summary: Any, groups: Any) -> None:
+        if isinstance(summary, Exception) or isinstance(groups, Exception):
+            return  # the group is gone (a wiped Redis): nothing to trim
+        # MINID keeps the oldest entry not yet acknowledged: pending, or else undelivered
+        if summary["pending"]:
+            min_id = summary["min"].decode()
+        else:
+            group = next(g for g in groups if g["name"].decode() == PERSISTER_GROUP)
+            min_id = next_id(group["last-delivered-id"].decode())
+        self.client.xtrim(self.keys.events, minid=min_id, approximate=False)
+
+    def record_failure(self, event: Event) -> int:
+        """Count one more refusal of `event` by Postgres; the count so far."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(self.keys.persist_failures, event.event_id, 1)
+        pipe.expire(self.keys.persist_failures, FAILURES_TTL_S)
+        count, _ = pipe.execute()
+        return int(count)
+
+    def dead_letter(self, entry: StreamEntry, reason: str, event_id: str | None = None) -> None:
+        """Move an entry Postgres will not take to the dead-letter stream, atomically, and count
+        it; it no longer holds back the others or the trimming."""
+        stream_id, fields = entry
+        pipe = self.client.pipeline(transaction=True)
+        dead: dict[Any, Any] = dict(fields)
+        dead.update({b"stream_id": stream_id, b"reason": reason[:500]})
+        pipe.xadd(self.keys.dead_letters, dead)
+        pipe.xack(self.keys.events, PERSISTER_GROUP, stream_id)
+        pipe.hincrby(self.keys.persist_stats, "dead", 1)
+        if event_id is not None:
+            pipe.hdel(self.keys.persist_failures, event_id)
+        pipe.execute()
+        log.error(
+            "partition %d: event %s moved to the dead-letter stream %s: %s",
+            self.keys.index, stream_id.decode(), self.keys.dead_letters, reason,
+        )  # fmt: skip
+
+    def forget_idle_consumers(self, idle_ms: int) -> None:
+        """Delete consumers that hold nothing and have been idle for `idle_ms` (dead workers)."""
+        try:
+            consumers = self.client.xinfo_consumers(self.keys.events, PERSISTER_GROUP)
+        except redis.ResponseError:
+            return
+        for consumer in consumers:
+            name = consumer["name"].decode()
+            if name != self.consumer and not consumer["pending"] and consumer["idle"] > idle_ms:
+                self.client.xgroup_delconsumer(self.keys.events, PERSISTER_GROUP, name)

@@ -1,0 +1,135 @@
+"""The increments Redis has accepted and Postgres has not committed yet.
+
+Rebuild and reconcile compare Redis with Postgres *plus* these: an increment is in Redis's
+total the moment it is accepted, and in Postgres's only once the persister has committed it.
+Read them with the persister paused (every flush lock held): then nothing is committed or
+acknowledged meanwhile, and the stream only grows at its end.
+
+An entry is unpersisted when it is undelivered (after the group's last-delivered id) or
+pending (delivered, not acknowledged) and its event id is not in the ledger: a persister
+killed between COMMIT and XACK leaves committed entries pending. An acknowledged entry is
+in the ledger, or was dead-lettered: either way it is not waiting any more.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import psycopg
+import redis
+
+from persister.events import Event, StreamEntry, parse_all, stream_key
+from service.keys import PartitionKeys
+from service.persister_lag import PERSISTER_GROUP
+
+PAGE = 10_000
+EMPTY = "0-0"
+
+KeepAlive = Callable[[], None]
+"""Renews the persister's pause (raises if it was lost)."""
+
+
+@dataclass
+class Unpersisted:
+    """One partition's unpersisted increments, up to the stream id `last_id`."""
+
+    keys: PartitionKeys
+    last_id: str = EMPTY
+    deltas: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    count: int = 0
+
+    def add(self, events: list[Event]) -> None:
+        for event in events:
+            self.deltas[event.user_id] += event.delta
+        self.count += len(events)
+
+    def advance(self, client: redis.Redis, to_id: str, keep_alive: KeepAlive) -> None:
+        """Add the entries appended after `last_id`, up to `to_id`: all are undelivered, since
+        the persister is paused."""
+        if stream_key(to_id) <= stream_key(self.last_id):
+            return
+        for page in _pages(client, self.keys.events, "(" + self.last_id, to_id):
+            self.add(parse_all(page)[0])
+            keep_alive()
+        self.last_id = to_id
+
+
+def last_entry_id(reply: Any) -> str:
+    """The id in an `XREVRANGE events + - COUNT 1` reply ("0-0" for an empty stream)."""
+    return _text(reply[0][0]) if reply else EMPTY
+
+
+def read_unpersisted(
+    client: redis.Redis,
+    conn: psycopg.Connection[tuple[object, ...]],
+    keys: PartitionKeys,
+    keep_alive: KeepAlive,
+) -> Unpersisted:
+    """The partition's unpersisted increments now. The persister must be paused;
+    `keep_alive` renews the pause between pages (a backlog can be long)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.xrevrange(keys.events, "+", "-", 1)
+    pipe.xinfo_groups(keys.events)
+    pipe.xpending(keys.events, PERSISTER_GROUP)
+    last, groups, summary = pipe.execute(raise_on_error=False)
+    result = Unpersisted(keys, last_entry_id(last))
+    if result.last_id == EMPTY:
+        return result
+    group = None
+    if not isinstance(groups, Exception):
+        group = next((g for g in groups if _text(g["name"]) == PERSISTER_GROUP), None)
+    delivered = EMPTY if group is None else _text(group["last-delivered-id"])
+    pending: set[str] = set()
+    if group is not None and summary["pending"]:
+        pending = _pending_ids(client, keys)
+    start = min(pending, key=stream_key) if pending else "(" + delivered
+    candidates: list[Event] = []
+    for page in _pages(client, keys.events, start, result.last_id):
+        for event in parse_all(page)[0]:
+            if event.stream_id in pending or stream_key(event.stream_id) > stream_key(delivered):
+                candidates.append(event)
+        keep_alive()
+    result.add(_not_in_ledger(conn, candidates))
+    return result
+
+
+def _pending_ids(client: redis.Redis, keys: PartitionKeys) -> set[str]:
+    ids: set[str] = set()
+    start = "-"
+    while True:
+        rows = client.xpending_range(keys.events, PERSISTER_GROUP, start, "+", PAGE)
+        ids.update(_text(cast(bytes, row["message_id"])) for row in rows)
+        if len(rows) < PAGE:
+            return ids
+        start = "(" + _text(cast(bytes, rows[-1]["message_id"]))
+
+
+def _pages(client: redis.Redis, stream: str, start: str, end: str) -> Iterator[list[StreamEntry]]:
+    while True:
+        page: Any = client.xrange(stream, start, end, PAGE)
+        if page:
+            yield page
+        if len(page) < PAGE:
+            return
+        start = "(" + _text(page[-1][0])
+
+
+def _not_in_ledger(
+    conn: psycopg.Connection[tuple[object, ...]], events: list[Event]
+) -> list[Event]:
+    """`events` without those Postgres has already committed."""
+    committed: set[str] = set()
+    for i in range(0, len(events), PAGE):
+        ids = [e.event_id for e in events[i : i + PAGE]]
+        rows = conn.execute(
+            "SELECT event_id::text FROM score_events WHERE event_id = ANY(%s::uuid[])", (ids,)
+        ).fetchall()
+        committed.update(str(row[0]) for row in rows)
+    return [e for e in events if e.event_id not in committed]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,175 @@
+"""Auto-pipelining: the Redis calls that one process's requests make in the same turn of the
+event loop go out in one write on one connection, and their replies come back in one read.
+
+redis-py's asyncio client spends more per command than Redis does running our script: a
+pool checkout behind a lock, a write and a drain per command, `wait_for` and a timer per
+read. Here a call costs a packed command (hiredis, in C) and a future; everything else is
+paid once per batch. Each call still gets its own reply or its own error: Redis answers a
+pipeline in order, and an error reply is one call's exception, never the batch's.
+
+Failure rules, the same as the plain client's: a call that cannot reach Redis, or whose reply
+has not come `timeout` seconds after it was written, fails with ConnectionError or
+TimeoutError (the hot path answers 503). A call is never sent twice: after a write, a broken
+connection fails the calls waiting on it; calls not yet written wait for the next connection.
+
+The connection is borrowed from the client's own pool, so `Redis.aclose()` closes it with the
+rest; it speaks through the connection's stream reader and writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis._parsers.base import BaseParser
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1 << 16
+
+
+class AutoPipeline:
+    """Batches the calls of the coroutines of one event loop onto one Redis connection."""
+
+    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+        self._pool = client.connection_pool
+        self._timeout = timeout
+        self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []  # not yet written
+        self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        self._conn: Any = None  # the borrowed redis.asyncio.Connection
+        self._connecting: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
+        """An AutoPipeline over `client`, or None when it cannot work with it (another
+        connection class, such as TLS, a Unix socket or a fake): use the client directly."""
+        pool = getattr(client, "connection_pool", None)
+        if type(client) is not aioredis.Redis or type(pool) is not aioredis.ConnectionPool:
+            return None
+        if pool.connection_class is not aioredis.Connection:
+            return None
+        return cls(client, timeout)
+
+    async def execute(self, *args: str | bytes | int | float) -> Any:
+        """Run one command; its reply, or the exception its error reply maps to."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((hiredis.pack_command(args), future))  # type: ignore[arg-type]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._queued:
+            return
+        writer = getattr(self._conn, "_writer", None) if self._conn is not None else None
+        if writer is None or writer.is_closing():
+            if self._connecting is None:
+                self._connecting = asyncio.get_running_loop().create_task(self._connect())
+            return
+        batch, self._queued = self._queued, []
+        writer.write(b"".join(packed for packed, _ in batch))
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        self._waiting.extend((deadline, future) for _, future in batch)
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:  # every queued call gets the reason
+            self._connecting = None
+            self._fail_queued(exc)
+            return
+        self._connecting = None
+        stream = getattr(conn, "_reader", None)
+        if stream is None:  # a redis-py without the stream attributes: give up loudly
+            await self._pool.release(conn)
+            self._fail_queued(redis.exceptions.ConnectionError("cannot pipeline on this client"))
+            return
+        self._conn = conn
+        self._reader = asyncio.get_running_loop().create_task(self._read(conn, stream))
+        self._flush()
+
+    async def _read(self, conn: Any, stream: asyncio.StreamReader) -> None:
+        parser = hiredis.Reader(replyError=redis.exceptions.ResponseError)
+        waiting = self._waiting
+        error: Exception = redis.exceptions.ConnectionError("Redis closed the connection")
+        try:
+            while True:
+                data = await stream.read(READ_CHUNK)
+                if not data:
+                    break
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    _, future = waiting.popleft()
+                    if future.done():  # timed out meanwhile
+                        continue
+                    if isinstance(reply, redis.exceptions.ResponseError):
+                        future.set_exception(_error(str(reply)))
+                    else:
+                        future.set_result(reply)
+        except (OSError, hiredis.ProtocolError, IndexError) as exc:
+            error = redis.exceptions.ConnectionError(f"Error while reading from Redis: {exc!r}")
+        finally:
+            await self._drop(conn, error)
+
+    async def _drop(self, conn: Any, error: Exception) -> None:
+        """Forget a broken connection: fail what was written on it, give it back to the pool."""
+        if self._conn is conn:
+            self._conn = None
+            self._fail_waiting(error)
+            await conn.disconnect(nowait=True)
+            await self._pool.release(conn)
+            if self._queued and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        loop = asyncio.get_running_loop()
+        deadline, _ = self._waiting[0]
+        if deadline > loop.time():
+            self._watchdog = loop.call_at(deadline, self._check_deadline)
+            return
+        # The oldest call waited too long: Redis is hung or gone. The stream can no longer be
+        # trusted to line up replies with calls, so drop the connection.
+        conn = self._conn
+        self._fail_waiting(redis.exceptions.TimeoutError("Timeout reading from Redis"))
+        if conn is not None and self._reader is not None:
+            self._reader.cancel()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        while self._waiting:
+            _, future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(_copy(error))
+
+    def _fail_queued(self, error: Exception) -> None:
+        batch, self._queued = self._queued, []
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(_copy(error))
+
+
+def _error(message: str) -> Exception:
+    """The redis-py exception for an error reply (NOSCRIPT, OOM, LOADING, READONLY...)."""
+    error: Exception = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    return error
+
+
+def _copy(error: Exception) -> Exception:
+    """A fresh exception per call: one raised instance must not collect every call's traceback."""
+    return type(error)(*error.args)

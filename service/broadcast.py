@@ -1,0 +1,291 @@
+"""One process's live leaderboard: follow the top streams once, fan frames out to its clients.
+
+One task tails the partitions' top streams (XREAD BLOCK, on a Redis connection of its own)
+and keeps the merged top-N in memory; a second publishes the newest state to every
+subscriber, at most once per tick (SCORE_LIVE_TICK_MS). Each frame is encoded once, as
+ready-made ASGI messages shared by all clients, and a subscriber holds only the newest frame
+it has not sent yet: a burst costs a slow client skipped frames, never a growing queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from prometheus_client import Counter as Metric
+from prometheus_client import Gauge
+
+from service.connections import async_redis
+from service.keys import KeySchema
+from service.leaderboard import build
+from service.models import Leaderboard, encoder
+from service.settings import Settings
+from service.tops import Tops, read_tops
+
+log = logging.getLogger(__name__)
+
+BLOCK_MS = 5_000  # XREAD BLOCK: how long one wait for a change lasts (then re-read anyway)
+RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # reconnecting to Redis: doubling back-off
+
+CONNECTED = Gauge("score_live_connections", "Live leaderboard clients of this process")
+PUBLISHED = Metric("score_live_frames", "Leaderboard frames published to this process's clients")
+CLOSED = Metric("score_live_closed", "Live clients closed or refused by the server", ["reason"])
+FOLLOWING = Gauge("score_live_following", "1 while this process follows the top streams")
+
+Version = tuple[int, int]
+
+
+def version_order(version: str) -> Version | None:
+    """A top stream id ("<ms>-<seq>") as a comparable pair; None if it is not one."""
+    ms, sep, seq = version.partition("-")
+    if not (sep and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
+        return None
+    return int(ms), int(seq)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Frame:
+    """One leaderboard state, encoded once for every client and transport."""
+
+    order: Version  # the version, comparable
+    text: str  # the JSON frame
+    ws: dict[str, Any]  # the ASGI websocket.send message
+    sse: dict[str, Any]  # the ASGI http.response.body message: one event, id = version
+
+
+def encode_frame(board: Leaderboard) -> Frame:
+    """`board` as a frame: its JSON once, wrapped for WebSocket and SSE."""
+    body = encoder.encode(board)
+    text = body.decode()
+    event = b"id: " + board.version.encode() + b"\ndata: " + body + b"\n\n"
+    return Frame(
+        order=version_order(board.version) or (0, 0),
+        text=text,
+        ws={"type": "websocket.send", "text": text},
+        sse={"type": "http.response.body", "body": event, "more_body": True},
+    )
+
+
+class Ending(NamedTuple):
+    """Why the server ends a connection: a WebSocket close code, a reason, a metric label."""
+
+    code: int
+    reason: str
+    label: str
+
+
+TRY_AGAIN_LATER = 1013  # WebSocket close code: a limit is reached, or no state is known yet
+GOING_AWAY = Ending(1001, "the server is shutting down; reconnect", "going_away")
+TOO_MANY = Ending(TRY_AGAIN_LATER, "too many live clients on this server; retry later", "max")
+TOO_MANY_HERE = Ending(
+    TRY_AGAIN_LATER, "too many live connections from your address; retry later", "per_client"
+)
+
+
+class Refused(Exception):
+    """A client the server cannot take now; `ending` says why, and how to close it."""
+
+    def __init__(self, ending: Ending) -> None:
+        super().__init__(ending.reason)
+        self.ending = ending
+
+
+class Subscriber:
+    """One client: the newest frame it has not been sent, and whether it must end."""
+
+    __slots__ = ("address", "after", "ending", "heartbeat", "keepalive", "pending", "sent", "wake")
+
+    def __init__(self, address: str, after: Version | None, heartbeat: bool) -> None:
+        self.address = address
+        self.after = after  # send no frame at or below this version (SSE Last-Event-ID)
+        self.heartbeat = heartbeat  # wants keepalives from the broadcaster (SSE)
+        self.pending: Frame | None = None
+        self.sent: Frame | None = None
+        self.keepalive = False
+        self.ending: Ending | None = None
+        self.wake = asyncio.Event()
+
+    def offer(self, frame: Frame) -> None:
+        """Make `frame` the next to send, replacing any older one not sent yet."""
+        if frame is not self.sent:
+            self.pending = frame
+            self.wake.set()
+
+    def ping(self) -> None:
+        """Ask for a keepalive (sent only if no frame is pending)."""
+        self.keepalive = True
+        self.wake.set()
+
+    def end(self, ending: Ending) -> None:
+        """Make the connection end (the first reason given wins)."""
+        if self.ending is None:
+            self.ending = ending
+            self.wake.set()
+
+    def take(self) -> Frame | None:
+        """The frame to send now, if any (consumes it)."""
+        frame, self.pending = self.pending, None
+        if frame is None or (self.after is not None and frame.order <= self.after):
+            return None
+        self.after, self.sent = None, frame
+        return frame
+
+
+class Broadcaster:
+    """The live leaderboard of one process: its state, its subscribers and its limits."""
+
+    def __init__(self, settings: Settings, schema: KeySchema) -> None:
+        self.settings = settings
+        self.schema = schema
+        self.latest: Frame | None = None
+        self.going_away = False
+        self._subscribers: set[Subscriber] = set()
+        self._per_address: Counter[str] = Counter()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start following Redis (in the background: Redis may be down) and publishing."""
+        self._changed = asyncio.Event()
+        self._has_state = asyncio.Event()
+        self._idle = asyncio.Event()  # set while no client is connected
+        self._idle.set()
+        # A connection of its own: its reads block for BLOCK_MS, longer than the hot path's
+        # socket timeout allows.
+        self._redis = async_redis(self.settings, socket_timeout=BLOCK_MS / 1000 + 5)
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="live-follow"),
+            asyncio.create_task(self._fan_out(), name="live-fan-out"),
+            asyncio.create_task(self._keepalive(), name="live-keepalive"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop following and publishing; close the Redis connection."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._redis.aclose()
+        FOLLOWING.set(0)
+
+    # Subscribers
+
+    def admit(
+        self, address: str, *, after: Version | None = None, heartbeat: bool = False
+    ) -> Subscriber:
+        """A subscriber for a new client at `address`, holding the current state if there is
+        one; Refused when a limit is reached or the server is shutting down."""
+        s = self.settings
+        if self.going_away:
+            raise Refused(GOING_AWAY)
+        if len(self._subscribers) >= s.live_max_connections:
+            raise Refused(TOO_MANY)
+        if self._per_address[address] >= s.live_max_per_client:
+            raise Refused(TOO_MANY_HERE)
+        sub = Subscriber(address, after, heartbeat)
+        self._subscribers.add(sub)
+        self._per_address[address] += 1
+        self._idle.clear()
+        CONNECTED.inc()
+        if self.latest is not None:
+            sub.offer(self.latest)  # the snapshot: a new client is whole from its first frame
+        return sub
+
+    def release(self, sub: Subscriber) -> None:
+        """Forget a subscriber whose connection ended (gives its slots back)."""
+        self._subscribers.discard(sub)
+        self._per_address[sub.address] -= 1
+        if self._per_address[sub.address] <= 0:
+            del self._per_address[sub.address]
+        CONNECTED.dec()
+        if not self._subscribers:
+            self._idle.set()
+
+    async def wait_for_state(self, wait_s: float) -> bool:
+        """True once a leaderboard is known (waiting at most `wait_s` seconds for one)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._has_state.wait()
+        return self.latest is not None
+
+    async def go_away(self, ending: Ending, wait_s: float) -> None:
+        """End every client with `ending`, refuse new ones, and wait (bounded) until they left."""
+        self.going_away = True
+        for sub in self._subscribers:
+            sub.end(ending)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                await self._idle.wait()
+
+    # Following Redis
+
+    async def _follow(self) -> None:
+        """Keep `latest` equal to Redis's newest top-N.
+
+        XREAD is only the doorbell: whatever a burst appended, the state is then read whole
+        and atomically by `read_tops`, the very read behind GET /api/v1/leaderboard, so a
+        frame and a REST body of the same version are the same. The cost of a wake-up does
+        not grow with the burst, and a Redis outage, restart or rebuild needs no special case.
+        """
+        delay = RETRY_MIN_S
+        parts = self.schema.all()
+        while True:
+            try:
+                tops = await read_tops(self._redis, self.schema, self.settings.top_n)
+                self._update(tops)
+                if delay > RETRY_MIN_S:
+                    log.info("live leaderboard: following Redis again")
+                    delay = RETRY_MIN_S
+                FOLLOWING.set(1)
+                positions = {p.top: v for p, v in zip(parts, tops.versions, strict=True)}
+                await self._redis.xread(positions, count=1, block=BLOCK_MS)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down, restarting, loading: clients keep the last state
+                if delay == RETRY_MIN_S:
+                    log.warning("live leaderboard: lost Redis (%s); retrying", exc)
+                FOLLOWING.set(0)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def _update(self, tops: Tops) -> None:
+        frame = encode_frame(build(tops.versions, tops.rows, self.settings.top_n))
+        latest = self.latest
+        if latest is not None:
+            if frame.order < latest.order:
+                # Redis went back in time (restored from an older copy): keep the newer state
+                # until a newer version arrives, so that versions only grow.
+                return
+            if frame.order == latest.order and frame.text == latest.text:
+                return
+        self.latest = frame
+        self._has_state.set()
+        self._changed.set()
+
+    # Publishing
+
+    async def _fan_out(self) -> None:
+        """Publish the newest state at most once per tick; the first change of a quiet spell
+        goes out at once, the rest of a burst is folded into the next tick."""
+        tick = self.settings.live_tick_ms / 1000
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            frame = self.latest
+            if frame is None:
+                continue
+            for sub in self._subscribers:
+                sub.offer(frame)
+            PUBLISHED.inc()
+            await asyncio.sleep(tick)
+
+    async def _keepalive(self) -> None:
+        """Ask idle subscribers to show they are alive (SSE comments; WebSocket pings are the
+        server's protocol pings)."""
+        while True:
+            await asyncio.sleep(self.settings.live_ping_interval_s)
+            for sub in self._subscribers:
+                if sub.heartbeat and sub.pending is None:
+                    sub.ping()

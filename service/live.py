@@ -1,0 +1,269 @@
+"""The live leaderboard endpoints: `WS /api/v1/leaderboard/ws` and `GET .../stream` (SSE).
+
+Both send the broadcaster's frames: the current snapshot first, then one frame per change,
+at most one per tick. Clients need send nothing. WebSocket close codes:
+
+  1001 going away        the server is shutting down: reconnect (elsewhere)
+  1009 message too big   the client sent more than SCORE_LIVE_MAX_MESSAGE_BYTES
+  1011 (server ping)     the client did not answer protocol pings: a dead peer
+  1013 try again later   a connection limit is reached, or no leaderboard is known yet
+  4001 too slow          a send waited longer than SCORE_LIVE_SEND_TIMEOUT_MS
+
+An SSE client is refused with 503 (Retry-After) instead of 1013, and 403 for an Origin not
+allowed (a WebSocket handshake gets 403 too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.types import Message, Receive, Scope, Send
+
+from service.broadcast import (
+    CLOSED,
+    TRY_AGAIN_LATER,
+    Broadcaster,
+    Ending,
+    Frame,
+    Refused,
+    Subscriber,
+    Version,
+    version_order,
+)
+from service.errors import problem
+
+SNAPSHOT_WAIT_S = 2.0  # a new client waits at most this long for a first leaderboard
+RETRY_AFTER_S = "1"
+
+UNAVAILABLE = Ending(
+    TRY_AGAIN_LATER, "the leaderboard is not available yet; retry later", "unavailable"
+)
+TOO_BIG = Ending(1009, "message too big: clients need send nothing", "too_big")
+TOO_SLOW = Ending(4001, "too slow: the client did not keep up", "slow")
+CLIENT_LEFT = Ending(1000, "", "client_left")
+FORBIDDEN_ORIGIN = "this Origin may not open the live leaderboard"
+
+KEEPALIVE: Message = {"type": "http.response.body", "body": b": keepalive\n\n", "more_body": True}
+SSE_PREAMBLE: Message = {
+    "type": "http.response.body",
+    "body": b"retry: 1000\n\n",
+    "more_body": True,
+}
+SSE_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+def origin_allowed(allowed: frozenset[str], headers: Headers) -> bool:
+    """Any origin when no allowlist is set; else a listed origin or the service's own.
+
+    A request without Origin does not come from a browser page; the check protects browser
+    users only (any other client can send any Origin), so it is let through.
+    """
+    origin = headers.get("origin")
+    if not allowed or origin is None or "*" in allowed:
+        return True
+    return origin.rstrip("/").lower() in allowed or urlsplit(origin).netloc == headers.get("host")
+
+
+def client_address(scope: Scope) -> str:
+    """The client's address, as the per-address limit counts it."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+async def pump(
+    sub: Subscriber, send: Send, pick: Callable[[Frame], Message], send_timeout_s: float
+) -> Ending:
+    """Send `sub` its frames, and keepalives if it asked for them (SSE), until it must end;
+    why it ended."""
+    while True:
+        await sub.wake.wait()
+        sub.wake.clear()
+        if sub.ending is not None:
+            return sub.ending
+        frame = sub.take()
+        if frame is not None:
+            message = pick(frame)
+        elif sub.keepalive:
+            message = KEEPALIVE
+        else:
+            continue
+        sub.keepalive = False
+        try:
+            async with asyncio.timeout(send_timeout_s):
+                await send(message)
+        except TimeoutError:
+            return TOO_SLOW
+        except OSError:  # the server's "client disconnected"
+            return CLIENT_LEFT
+
+
+class _Endpoint:
+    def __init__(self, live: Broadcaster) -> None:
+        self.live = live
+        settings = live.settings
+        self.allowed = frozenset(o.rstrip("/").lower() for o in settings.live_allowed_origins)
+        self.send_timeout_s = settings.live_send_timeout_s
+
+    async def subscribe(
+        self, scope: Scope, *, after: Version | None = None, heartbeat: bool = False
+    ) -> Subscriber:
+        """A subscriber with a leaderboard to send first; Refused if there is none in time."""
+        sub = self.live.admit(client_address(scope), after=after, heartbeat=heartbeat)
+        if await self.live.wait_for_state(SNAPSHOT_WAIT_S):
+            return sub
+        self.live.release(sub)
+        raise Refused(UNAVAILABLE)
+
+    async def follow(
+        self,
+        sub: Subscriber,
+        watch: Coroutine[Any, Any, None],
+        send: Send,
+        pick: Callable[[Frame], Message],
+    ) -> Ending:
+        """Pump frames to `sub` while `watch` reads from its client; why it ended."""
+        watcher = asyncio.create_task(watch)
+        try:
+            ending = await pump(sub, send, pick, self.send_timeout_s)
+        finally:
+            watcher.cancel()
+        if ending is not CLIENT_LEFT:
+            CLOSED.labels(ending.label).inc()
+        return ending
+
+    async def last_words(self, send: Send, message: Message) -> None:
+        """Send a closing message if the client takes it in time (a stuck one may not)."""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(self.send_timeout_s):
+                await send(message)
+
+
+class LiveSocket(_Endpoint):
+    """`WS /api/v1/leaderboard/ws`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if not origin_allowed(self.allowed, Headers(scope=scope)):
+            CLOSED.labels("origin").inc()
+            await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
+            return
+        try:
+            sub = await self.subscribe(scope)
+        except Refused as refused:
+            # Accepted, then closed: a browser sees the close code of an open socket, never
+            # a refused handshake's status.
+            CLOSED.labels(refused.ending.label).inc()
+            await send({"type": "websocket.accept"})
+            await send(_close(refused.ending))
+            return
+        try:
+            await send({"type": "websocket.accept"})
+            limit = self.live.settings.live_max_message_bytes
+            ending = await self.follow(sub, watch_socket(receive, sub, limit), send, _ws_message)
+            if ending is not CLIENT_LEFT:
+                await self.last_words(send, _close(ending))
+        finally:
+            self.live.release(sub)
+
+
+def _close(ending: Ending) -> Message:
+    return {"type": "websocket.close", "code": ending.code, "reason": ending.reason}
+
+
+def _ws_message(frame: Frame) -> Message:
+    return frame.ws
+
+
+def _sse_message(frame: Frame) -> Message:
+    return frame.sse
+
+
+async def watch_socket(receive: Receive, sub: Subscriber, limit: int) -> None:
+    """Read what the client sends (nothing is expected) until it leaves or sends too much."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            sub.end(CLIENT_LEFT)
+            return
+        data = message.get("bytes") or (message.get("text") or "").encode()
+        if len(data) > limit:
+            sub.end(TOO_BIG)
+            return
+
+
+class LiveStream(_Endpoint):
+    """`GET /api/v1/leaderboard/stream`: Server-Sent Events, the event id is the version."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        if not origin_allowed(self.allowed, headers):
+            CLOSED.labels("origin").inc()
+            await problem(403, FORBIDDEN_ORIGIN)(scope, receive, send)
+            return
+        after = version_order(headers.get("last-event-id", "").strip())
+        try:
+            sub = await self.subscribe(scope, after=after, heartbeat=True)
+        except Refused as refused:
+            CLOSED.labels(refused.ending.label).inc()
+            retry = {"Retry-After": RETRY_AFTER_S}
+            await problem(503, refused.ending.reason, retry)(scope, receive, send)
+            return
+        try:
+            start = {"type": "http.response.start", "status": 200, "headers": self.head(headers)}
+            await send(start)
+            if scope["method"] == "HEAD":
+                await send(SSE_END)
+                return
+            await send(SSE_PREAMBLE)
+            ending = await self.follow(sub, watch_request(receive, sub), send, _sse_message)
+            if ending is not CLIENT_LEFT:
+                await self.last_words(send, SSE_END)  # EventSource reconnects after `retry`
+        finally:
+            self.live.release(sub)
+
+    def head(self, headers: Headers) -> list[tuple[bytes, bytes]]:
+        # Cross-origin pages may read the stream (EventSource obeys CORS): any origin without
+        # an allowlist, else the (already checked) requesting one.
+        origin = headers.get("origin")
+        allow = "*" if not self.allowed or origin is None else origin
+        return [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache, no-transform"),
+            (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
+            (b"access-control-allow-origin", allow.encode("latin-1")),
+            (b"vary", b"origin"),
+        ]
+
+
+async def watch_request(receive: Receive, sub: Subscriber) -> None:
+    """Wait until the SSE client goes away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    sub.end(CLIENT_LEFT)
+
+
+async def upgrade_required(request: Request) -> Response:
+    """A plain GET of the WebSocket endpoint: say how to use it."""
+    detail = (
+        "this is a WebSocket endpoint: connect with a WebSocket client (ws:// or wss://), "
+        "or read the same frames from GET /api/v1/leaderboard/stream (Server-Sent Events)"
+    )
+    return problem(426, detail, {"Upgrade": "websocket"})
+
+
+def live_routes(live: Broadcaster) -> list[BaseRoute]:
+    """The WebSocket and SSE endpoints, fed by `live`."""
+    return [
+        WebSocketRoute("/api/v1/leaderboard/ws", LiveSocket(live)),
+        Route("/api/v1/leaderboard/ws", upgrade_required, methods=["GET"]),
+        Route("/api/v1/leaderboard/stream", LiveStream(live), methods=["GET"]),
+    ]

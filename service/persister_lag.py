@@ -1,0 +1,200 @@
+"""How far the persister is behind, read from Redis: for /metrics and the worker's logs.
+
+Everything here comes from the events stream and its consumer group, so any process can
+compute it cheaply on demand (a scrape costs one or two pipelined round trips per partition)
+and every service process reports the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+
+from service.context import Context
+from service.keys import PartitionKeys
+
+PERSISTER_GROUP = "persister"
+"""The consumer group of the persister on every events stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """The persister's position on one partition's events stream."""
+
+    partition: int
+    pending: int
+    """Events read by a persister and not yet committed and acknowledged."""
+    undelivered: int
+    """Events not yet read by any persister."""
+    oldest_age_s: float
+    """Age of the oldest event not yet in Postgres; 0 when there is none."""
+    persisted: int
+    """Events committed to Postgres and acknowledged, since the stream began."""
+    batches: int
+    dead_letters: int
+
+    @property
+    def unpersisted(self) -> int:
+        return self.pending + self.undelivered
+
+
+def _queue_reads(pipe: Any, keys: PartitionKeys) -> None:
+    pipe.time()
+    pipe.xlen(keys.events)
+    pipe.xinfo_groups(keys.events)
+    pipe.xpending(keys.events, PERSISTER_GROUP)
+    pipe.hgetall(keys.persist_stats)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """The first round trip, parsed."""
+
+    now_s: float
+    pending: int
+    undelivered: int
+    oldest_pending: str | None
+    first_undelivered_after: str | None
+    """XRANGE start that finds the oldest undelivered event ("-": the whole stream)."""
+    stats: dict[bytes, bytes]
+
+    def lag(self, partition: int, oldest_id: str | None) -> Lag:
+        age = 0.0
+        if oldest_id is not None:
+            age = max(0.0, self.now_s - int(oldest_id.split("-")[0]) / 1000)
+        return Lag(
+            partition=partition,
+            pending=self.pending,
+            undelivered=self.undelivered,
+            oldest_age_s=age,
+            persisted=int(self.stats.get(b"events", 0)),
+            batches=int(self.stats.get(b"batches", 0)),
+            dead_letters=int(self.stats.get(b"dead", 0)),
+        )
+
+
+def _parse(results: list[Any]) -> _Reads:
+    (seconds, micros), length, groups, summary, stats = results
+    now_s = seconds + micros / 1e6
+    group = None if isinstance(groups, Exception) else _persister_group(groups)
+    if group is None:  # no persister has read this stream yet: every entry waits
+        return _Reads(now_s, 0, int(length), None, "-" if length else None, stats)
+    pending = int(summary["pending"])
+    # `lag` is unknown after some deletions: the stream's length is then an upper bound
+    lag = group.get("lag")
+    undelivered = int(lag) if lag is not None else max(0, int(length) - pending)
+    after = "(" + _text(group["last-delivered-id"]) if undelivered else None
+    oldest_pending = _text(summary["min"]) if pending else None
+    return _Reads(now_s, pending, undelivered, oldest_pending, after, stats)
+
+
+def _persister_group(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for group in groups:
+        if _text(group["name"]) == PERSISTER_GROUP:
+            return group
+    return None
+
+
+_READS = 5  # commands _queue_reads adds per partition
+
+
+def _first_round(results: list[Any], count: int) -> list[_Reads]:
+    return [_parse(results[i * _READS : (i + 1) * _READS]) for i in range(count)]
+
+
+def _queue_oldest(pipe: Any, parts: Sequence[PartitionKeys], reads: list[_Reads]) -> list[int]:
+    """Queue an XRANGE for each partition whose oldest waiting event is undelivered; their
+    positions in `parts`."""
+    asked = []
+    for i, (keys, r) in enumerate(zip(parts, reads, strict=True)):
+        if r.oldest_pending is None and r.first_undelivered_after is not None:
+            pipe.xrange(keys.events, r.first_undelivered_after, "+", 1)
+            asked.append(i)
+    return asked
+
+
+def _lags(
+    parts: Sequence[PartitionKeys], reads: list[_Reads], asked: list[int], entries: list[Any]
+) -> list[Lag]:
+    oldest = [r.oldest_pending for r in reads]
+    for i, found in zip(asked, entries, strict=True):
+        oldest[i] = _text(found[0][0]) if found else None
+    return [r.lag(k.index, o) for k, r, o in zip(parts, reads, oldest, strict=True)]
+
+
+def read_lags_sync(client: redis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
+    """The lag of each partition, in two pipelined round trips at most (blocking client)."""
+    pipe = client.pipeline(transaction=False)
+    for keys in parts:
+        _queue_reads(pipe, keys)
+    reads = _first_round(pipe.execute(raise_on_error=False), len(parts))
+    pipe = client.pipeline(transaction=False)
+    asked = _queue_oldest(pipe, parts, reads)
+    return _lags(parts, reads, asked, pipe.execute() if asked else [])
+
+
+async def read_lags(client: aioredis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
+    """The lag of each partition, in two pipelined round trips at most (asyncio client)."""
+    pipe = client.pipeline(transaction=False)
+    for keys in parts:
+        _queue_reads(pipe, keys)
+    reads = _first_round(await pipe.execute(raise_on_error=False), len(parts))
+    pipe = client.pipeline(transaction=False)
+    asked = _queue_oldest(pipe, parts, reads)
+    return _lags(parts, reads, asked, await pipe.execute() if asked else [])
+
+
+class PersisterCollector(Collector):
+    """Prometheus metrics of the persister, from the lags read at the last scrape."""
+
+    def __init__(self) -> None:
+        self.lags: list[Lag] = []
+
+    def collect(self) -> Iterator[Metric]:
+        label = ["partition"]
+        families: list[tuple[Any, str, str, Any]] = [
+            (GaugeMetricFamily, "score_persister_lag_seconds",
+             "Age of the oldest accepted increment not yet committed to Postgres",
+             lambda lag: lag.oldest_age_s),
+            (GaugeMetricFamily, "score_persister_unpersisted_events",
+             "Accepted increments waiting in Redis for the persister",
+             lambda lag: lag.unpersisted),
+            (GaugeMetricFamily, "score_persister_pending_events",
+             "Increments read by a persister, not yet committed and acknowledged",
+             lambda lag: lag.pending),
+            (CounterMetricFamily, "score_persister_events_persisted",
+             "Increments committed to Postgres (rate() of it is the throughput)",
+             lambda lag: lag.persisted),
+            (CounterMetricFamily, "score_persister_batches",
+             "Batches committed to Postgres", lambda lag: lag.batches),
+            (CounterMetricFamily, "score_persister_dead_letters",
+             "Increments Postgres kept refusing, moved to the dead-letter stream",
+             lambda lag: lag.dead_letters),
+        ]  # fmt: skip
+        for family, name, doc, value in families:
+            metric = family(name, doc, labels=label)
+            for lag in self.lags:
+                metric.add_metric([str(lag.partition)], value(lag))
+            yield metric
+
+
+COLLECTOR = PersisterCollector()
+REGISTRY.register(COLLECTOR)
+
+
+async def refresh(ctx: Context) -> None:
+    """Read every partition's lag for the scrape under way; none while Redis is down."""
+    try:
+        COLLECTOR.lags = await read_lags(ctx.redis, ctx.schema.all())
+    except redis.RedisError:
+        COLLECTOR.lags = []
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,139 @@
+"""Drive lua/submit_score-6.lua on fakeredis or on the suite's real Redis, the same way.
+
+The contract tests and the Hypothesis model both use this: one backend fixture per kind
+(`fake`: fakeredis with Lua via lupa; `real`: the session redis-server, FLUSHDB first), and a
+Harness that calls the script through `service.scripts` exactly as the service does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from service.keys import KeySchema, PartitionKeys
+from service.scripts import Submit, SubmitResult, SyncScripts, prepare_submit
+from service.settings import Settings
+
+BACKENDS = ["fake", "real"]
+
+HOUR_US = 3_600_000_000
+"""A GCRA emission interval so slow that no request is refilled while a test runs: the
+allowance is exactly the burst, spent one accepted call at a time, so tests need no clock."""
+
+SETTINGS = Settings(rate_interval_us=HOUR_US, rate_burst=1000, max_increase=1_000_000, top_n=3)
+
+
+@contextlib.contextmanager
+def open_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """An empty Redis of `kind`: a new fakeredis server, or the real one after FLUSHDB.
+
+    The real server is asked for lazily, so `-k fake` runs without starting any server.
+    """
+    if kind == "fake":
+        client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        servers = request.getfixturevalue("servers")
+        client = redis.Redis.from_url(servers.redis.url)
+        client.flushdb()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def async_twin(client: redis.Redis) -> aioredis.Redis:
+    """An asyncio client to the same (fake or real) server as `client`."""
+    kwargs = client.connection_pool.connection_kwargs
+    if isinstance(client, fakeredis.FakeRedis):
+        return fakeredis.FakeAsyncRedis(server=kwargs["server"])
+    return aioredis.Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs.get("db", 0))
+
+
+Snapshot = dict[bytes, tuple[bytes, bytes | None, int]]
+
+
+class Harness:
+    """One partition's leaderboard on one client, with the script's calls and readers."""
+
+    def __init__(self, client: redis.Redis, settings: Settings = SETTINGS) -> None:
+        self.client = client
+        self.settings = settings
+        self.schema = KeySchema(1)
+        self.keys: PartitionKeys = self.schema.all()[0]
+        self.scripts = SyncScripts(client)
+
+    def with_settings(self, **changes: int) -> Harness:
+        """The same client with other settings (e.g. a small burst)."""
+        return Harness(self.client, dataclasses.replace(self.settings, **changes))
+
+    def provision(self, *user_ids: str) -> None:
+        """What service.users does in Redis: a member at 0 (kept if present), a new top-N."""
+        if self.client.zadd(self.keys.leaderboard, dict.fromkeys(user_ids, 0), nx=True):
+            self.scripts.publish_top(self.keys, self.settings.top_n)
+
+    def prepare(
+        self, user_id: str, delta: int, key: str | None = None, *, operator: bool = False
+    ) -> Submit:
+        return prepare_submit(
+            self.settings, self.schema, user_id, delta, idempotency_key=key, operator=operator
+        )
+
+    def submit(
+        self, user_id: str, delta: int, key: str | None = None, *, operator: bool = False
+    ) -> SubmitResult:
+        return self.scripts.submit(self.prepare(user_id, delta, key, operator=operator))
+
+    def board(self) -> list[tuple[str, int]]:
+        """Every (user_id, total), best first, read from the ZSET of negated scores."""
+        raw = self.client.zrange(self.keys.leaderboard, 0, -1, withscores=True)
+        return [(member.decode(), _exact(-score)) for member, score in raw]
+
+    def events(self) -> list[tuple[str, dict[str, str]]]:
+        """The events stream: (stream id, fields)."""
+        return [
+            (sid.decode(), {k.decode(): v.decode() for k, v in fields.items()})
+            for sid, fields in self.client.xrange(self.keys.events)
+        ]
+
+    def top_entries(self) -> list[tuple[str, list[tuple[str, int]]]]:
+        """The top stream: (version, [(user_id, total), ...] best first) per entry."""
+        entries = self.client.xrange(self.keys.top)
+        return [(sid.decode(), _pairs(fields)) for sid, fields in entries]
+
+    def snapshot(self) -> Snapshot:
+        """Every key: its type, its DUMP (the exact serialized value) and its PTTL.
+
+        DUMP does not carry the TTL; comparing PTTLs with `unchanged` catches a rewrite that
+        would only extend an expiry.
+        """
+        snap: Snapshot = {}
+        for key in sorted(self.client.scan_iter(count=1000)):
+            snap[key] = (self.client.type(key), self.client.dump(key), self.client.pttl(key))
+        return snap
+
+    def assert_unchanged(self, before: Snapshot) -> None:
+        """The keyspace is byte-for-byte what it was (and no expiry was pushed back)."""
+        after = self.snapshot()
+        assert sorted(after) == sorted(before)
+        for key, (kind, dumped, pttl) in before.items():
+            kind_after, dumped_after, pttl_after = after[key]
+            assert (kind_after, dumped_after) == (kind, dumped), key
+            assert (pttl_after < 0) == (pttl < 0), key
+            assert pttl_after <= pttl, key
+
+
+def _exact(score: float) -> int:
+    """A ZSET score as the integer it stands for (refusing, not rounding, a fraction)."""
+    assert score == int(score), score
+    return int(score)
+
+
+def _pairs(fields: dict[bytes, bytes]) -> list[tuple[str, int]]:
+    # redis-py keeps stream fields in reply order, which is the ZRANGE order the script wrote
+    return [(k.decode(), -int(v)) for k, v in fields.items() if k != b""]

@@ -1,0 +1,161 @@
+"""The admin API: provisioning users and batch score adjustments, with an admin token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import redis
+from conftest import assert_problem
+from persist_support import ledger, pg_scores, redis_totals
+from starlette.testclient import TestClient
+
+from persister.flush import Persister
+from service.app import create_app
+from service.devservers import wait_for
+from service.keys import KeySchema
+from service.scripts import event_id
+from service.settings import Settings
+
+USERS = "/api/v1/admin/users"
+SCORES = "/api/v1/admin/scores"
+
+
+@pytest.fixture
+def flushes() -> list[int]:
+    return []
+
+
+@pytest.fixture
+def admin_client(settings: Settings, r: redis.Redis, flushes: list[int]) -> Iterator[TestClient]:
+    """The app in-process, recording its flush requests."""
+    app = create_app(settings, request_flush=flushes.append)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200, 10, "the app")
+        yield c
+
+
+@pytest.fixture
+def admin(token: Callable[..., str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token('operator', admin=True)}"}
+
+
+def test_provisioning_users_is_idempotent(
+    admin_client: TestClient, admin: dict[str, str], r: redis.Redis, pg: psycopg.Connection
+) -> None:
+    first = admin_client.post(USERS, json={"user_ids": ["ann", "ben", "ann"]}, headers=admin)
+    assert first.status_code == 200, first.text
+    assert first.json() == {"created": 2, "existing": 0}
+    again = admin_client.post(USERS, json={"user_ids": ["ben", "cat"]}, headers=admin)
+    assert again.json() == {"created": 1, "existing": 1}
+
+    assert pg_scores(pg, ["ann", "ben", "cat"]) == {"ann": 0, "ben": 0, "cat": 0}
+    assert admin_client.get("/api/v1/users/cat").json()["score"] == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "words"),
+    [
+        ({}, 401, ["Authorization"]),
+        ({"Authorization": "Bearer not-a-jwt"}, 401, ["JWT"]),
+        (None, 403, ["score:admin"]),  # a valid token without the admin scope
+    ],
+)
+def test_the_admin_api_needs_an_admin_token(
+    admin_client: TestClient,
+    token: Callable[..., str],
+    snapshot: Callable[[], object],
+    headers: dict[str, str] | None,
+    status: int,
+    words: list[str],
+) -> None:
+    if headers is None:
+        headers = {"Authorization": f"Bearer {token('operator')}"}
+    before = snapshot()
+    for path, body in [
+        (USERS, {"user_ids": ["ann"]}),
+        (SCORES, {"adjustments": [{"user_id": "ann", "delta": 1, "idempotency_key": "k"}]}),
+    ]:
+        assert_problem(admin_client.post(path, json=body, headers=headers), status, *words)
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (USERS, {"user_ids": []}, ["user_ids"]),
+        (USERS, {"user_ids": ["ok", "bad\nid"]}, ["user_ids[1]"]),
+        (USERS, {"users": ["ann"]}, ["users"]),
+        (SCORES, {"adjustments": [{"user_id": "a", "delta": 1}]}, ["idempotency_key"]),
+        (SCORES, {"adjustments": [
+            {"user_id": "a", "delta": 5, "idempotency_key": "k1"},
+            {"user_id": "a", "delta": 0, "idempotency_key": "k2"},
+        ]}, ["adjustments[1].delta"]),
+        (SCORES, {"adjustments": [
+            {"user_id": "a", "delta": 5, "idempotency_key": "k1"},
+            {"user_id": "a", "delta": 5, "idempotency_key": "has space"},
+        ]}, ["adjustments[1].idempotency_key"]),
+    ],
+)  # fmt: skip
+def test_a_bad_body_is_refused_whole(
+    admin_client: TestClient,
+    admin: dict[str, str],
+    add_users,
+    snapshot: Callable[[], object],
+    path: str,
+    body: dict[str, object],
+    words: list[str],
+) -> None:
+    add_users("a")
+    before = snapshot()
+    assert_problem(admin_client.post(path, json=body, headers=admin), 400, *words)
+    assert snapshot() == before
+
+
+def test_adjustments_apply_one_by_one_with_per_item_results(
+    admin_client: TestClient,
+    admin: dict[str, str],
+    add_users,
+    r: redis.Redis,
+    pg: psycopg.Connection,
+    settings: Settings,
+    flushes: list[int],
+) -> None:
+    add_users("ann", "ben")
+    batch = [
+        {"user_id": "ann", "delta": 50, "idempotency_key": "fix-1"},
+        {"user_id": "ann", "delta": -20, "idempotency_key": "fix-2"},
+        {"user_id": "ben", "delta": 7, "idempotency_key": "fix-1"},  # keys are per user
+        {"user_id": "ghost", "delta": 1, "idempotency_key": "fix-3"},
+        {"user_id": "ben", "delta": -8, "idempotency_key": "fix-4"},  # below zero
+        {"user_id": "ann", "delta": 50, "idempotency_key": "fix-1"},  # the same item again
+        {"user_id": "ann", "delta": 51, "idempotency_key": "fix-1"},  # reused with a change
+    ]
+    reply = admin_client.post(SCORES, json={"adjustments": batch}, headers=admin)
+
+    assert reply.status_code == 200, reply.text
+    results = [(x["status"], x["new_score"]) for x in reply.json()["results"]]
+    assert results == [
+        ("applied", 50), ("applied", 30), ("applied", 7), ("unknown_user", None),
+        ("out_of_range", None), ("replayed", 50), ("conflict", None),
+    ]  # fmt: skip
+    assert flushes == [0]  # through the hot path's flush request
+
+    again = admin_client.post(SCORES, json={"adjustments": batch[:3]}, headers=admin)
+    assert [x["status"] for x in again.json()["results"]] == ["replayed"] * 3
+    assert redis_totals(settings, r, ["ann", "ben"]) == {"ann": 30, "ben": 7}
+
+    # the same events stream as the hot path: the persister takes them to Postgres
+    persister = Persister(settings)
+    try:
+        persister.drain(0)
+    finally:
+        persister.close()
+    assert pg_scores(pg, ["ann", "ben"]) == {"ann": 30, "ben": 7}
+    assert set(ledger(pg, ["ann", "ben"])) == {
+        event_id("ann", "fix-1"),
+        event_id("ann", "fix-2"),
+        event_id("ben", "fix-1"),
+    }
+    assert r.xlen(KeySchema(1).all()[0].events) == 0

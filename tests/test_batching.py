@@ -1,0 +1,129 @@
+"""service/batching.py: concurrent calls share a connection and round trips, each keeps its
+own reply or error, and Redis being down, hung or restarted fails calls fast, never twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from service.batching import AutoPipeline
+from service.connections import SOCKET_TIMEOUT_S, async_redis
+from service.devservers import RedisServer
+from service.keys import KeySchema
+from service.scripts import Scripts, Status, prepare_submit
+from service.settings import Settings
+
+NAME = "batching-test"
+
+
+@pytest.fixture
+async def client(settings: Settings, r: redis.Redis) -> AsyncIterator[aioredis.Redis]:
+    c = async_redis(settings, client_name=NAME)
+    yield c
+    await c.aclose()
+
+
+async def test_concurrent_calls_share_one_connection_and_keep_their_own_replies(
+    client: aioredis.Redis, r: redis.Redis
+) -> None:
+    r.set("not-a-number", "x")
+    pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
+    assert pipeline is not None
+    calls = [pipeline.execute("INCRBY", f"counter-{i % 7}", i) for i in range(300)]
+    calls += [pipeline.execute("INCRBY", "not-a-number", 1) for _ in range(5)]
+    replies = await asyncio.gather(*calls, return_exceptions=True)
+
+    for i in range(7):
+        assert int(r.get(f"counter-{i}") or 0) == sum(range(i, 300, 7))
+    assert all(isinstance(x, int) for x in replies[:300])
+    for error in replies[300:]:
+        assert isinstance(error, redis.exceptions.ResponseError)
+        assert "not an integer" in str(error)
+    assert r.get("not-a-number") == b"x"
+    # 300 concurrent calls went through one connection (the plain client opens one per call)
+    named = [c for c in r.client_list() if c["name"] == NAME]
+    assert len(named) == 1
+
+
+async def test_error_replies_map_to_redis_py_exceptions(client: aioredis.Redis) -> None:
+    pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
+    assert pipeline is not None
+    with pytest.raises(redis.exceptions.NoScriptError):
+        await pipeline.execute("EVALSHA", "0" * 40, 0)
+    assert await pipeline.execute("PING") == b"PONG"
+
+
+async def test_submit_reloads_the_script_after_redis_lost_it(
+    client: aioredis.Redis, r: redis.Redis, settings: Settings, add_users: Callable[..., list[str]]
+) -> None:
+    (user,) = add_users(count=1)
+    scripts = Scripts(client)
+    schema = KeySchema(settings.partitions)
+    first = await scripts.submit(prepare_submit(settings, schema, user, 5))
+    r.script_flush()
+    second = await scripts.submit(prepare_submit(settings, schema, user, 7))
+    assert (first.status, first.total) == (Status.OK, 5)
+    assert (second.status, second.total) == (Status.OK, 12)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    if server.process is not None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+async def test_a_redis_that_is_down_fails_calls_and_a_restarted_one_serves_again(
+    own_redis: RedisServer,
+) -> None:
+    c = async_redis(Settings(redis_url=own_redis.url, jwt_secret="s" * 40))
+    try:
+        pipeline = AutoPipeline.for_client(c, SOCKET_TIMEOUT_S)
+        assert pipeline is not None
+        assert await pipeline.execute("SET", "k", "1") == b"OK"
+        own_redis.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await pipeline.execute("INCR", "k")
+        own_redis.start()  # same port and directory: the AOF brings k back
+        assert await pipeline.execute("INCR", "k") == 2
+    finally:
+        await c.aclose()
+
+
+async def test_a_hung_redis_times_out_every_waiting_call(own_redis: RedisServer) -> None:
+    c = async_redis(Settings(redis_url=own_redis.url, jwt_secret="s" * 40))
+    try:
+        pipeline = AutoPipeline.for_client(c, SOCKET_TIMEOUT_S)
+        assert pipeline is not None
+        assert await pipeline.execute("PING") == b"PONG"
+        assert own_redis.process is not None
+        os.kill(own_redis.process.pid, signal.SIGSTOP)
+        replies = await asyncio.gather(
+            *(pipeline.execute("INCR", "k") for _ in range(20)), return_exceptions=True
+        )
+        assert all(isinstance(x, redis.exceptions.TimeoutError) for x in replies), replies
+        os.kill(own_redis.process.pid, signal.SIGCONT)
+        # the connection that timed out is dropped: its late replies are never matched
+        # to new calls
+        assert await pipeline.execute("SET", "other", "v") == b"OK"
+        assert await pipeline.execute("GET", "other") == b"v"
+    finally:
+        await c.aclose()
+
+
+def test_clients_it_cannot_pipeline_on_are_left_to_redis_py() -> None:
+    fake = fakeredis.FakeAsyncRedis()
+    assert AutoPipeline.for_client(fake, SOCKET_TIMEOUT_S) is None
+    tls = aioredis.Redis.from_url("rediss://127.0.0.1:1/0")
+    assert AutoPipeline.for_client(tls, SOCKET_TIMEOUT_S) is None

@@ -1,0 +1,101 @@
+"""The live page in headless Chromium (Debian's `chromium`, driven by Playwright): it loads
+the snapshot, follows the stream, shows a posted score's new rank, and reconnects by itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"  # `.ci/run` installs it; Playwright's own download is not used
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(locale="en-US")
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    context.close()
+
+
+def post(base: str, token: str, user_id: str, increase: int) -> None:
+    r = httpx.post(
+        base + "/api/v1/score",
+        json={"user_id": user_id, "score_increase": increase},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_the_page_shows_a_posted_score_and_its_new_rank(service, add_users, token, page) -> None:
+    alice, bob, carol = add_users(count=3)
+    post(service.base, token(bob), bob, 50)
+    post(service.base, token(carol), carol, 30)
+
+    page.goto(service.base + "/")
+    board = page.locator("score-leaderboard")
+    expect(board).to_have_attribute("data-state", "live")
+    expect(page.locator(f'li[data-user="{bob}"] .rank')).to_have_text("1")
+    expect(page.locator(f'li[data-user="{carol}"] .rank')).to_have_text("2")
+
+    post(service.base, token(alice), alice, 1234)
+    alice_row = page.locator(f'li[data-user="{alice}"]')
+    expect(alice_row.locator(".rank")).to_have_text("1")
+    expect(alice_row.locator(".score")).to_have_text("1,234")
+    expect(page.locator("li").first).to_have_attribute("data-user", alice)
+    expect(page.locator(f'li[data-user="{bob}"] .rank')).to_have_text("2")
+    version = httpx.get(service.base + "/api/v1/leaderboard").json()["version"]
+    expect(board).to_have_attribute("data-version", version)
+
+
+def test_the_page_reconnects_by_itself(service, add_users, token, page) -> None:
+    (player,) = add_users(count=1)
+    page.goto(service.base + "/")
+    board = page.locator("score-leaderboard")
+    expect(board).to_have_attribute("data-state", "live")
+    # the connection drops; a score lands meanwhile; the page comes back whole
+    page.evaluate("document.querySelector('score-leaderboard').conn.close()")
+    post(service.base, token(player), player, 77)
+    expect(page.locator(f'li[data-user="{player}"] .score')).to_have_text("77")
+    expect(board).to_have_attribute("data-state", "live")
+
+
+def test_the_embeddable_view_takes_its_options_from_the_query(
+    service, add_users, token, page
+) -> None:
+    players = add_users(count=4)
+    for i, player in enumerate(players):
+        post(service.base, token(player), player, 10 * (i + 1))
+
+    response = page.goto(service.base + "/embed?limit=2&heading=Top%20two&theme=light")
+    assert response is not None
+    assert "frame-ancestors *" in response.headers["content-security-policy"]
+    board = page.locator("score-leaderboard")
+    expect(board.locator("h2")).to_have_text("Top two")
+    expect(page.locator("li")).to_have_count(2)
+    expect(page.locator("li").first).to_have_attribute("data-user", players[3])
+    expect(board).to_have_attribute("theme", "light")

@@ -1,0 +1,239 @@
+"""The persister against real Redis and Postgres, in-process: exactly-once apply, reclaiming,
+dead letters, group commit, trimming, the lag metrics and the flush requests."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis
+from conftest import Servers, make_env
+from persist_support import ledger, pg_scores, redis_totals, submit
+from rq import Queue
+from starlette.testclient import TestClient
+
+from persister.events import Event, parse_all
+from persister.flush import MAX_FAILURES, Persister
+from persister.jobs import QUEUE, FlushRequester
+from persister.store import Store
+from service.devservers import free_port, wait_for
+from service.keys import KeySchema
+from service.persister_lag import PERSISTER_GROUP, read_lags_sync
+from service.settings import Settings
+
+
+@pytest.fixture
+def persister(settings: Settings, r: redis.Redis) -> Iterator[Persister]:
+    p = Persister(settings)
+    yield p
+    p.close()
+
+
+def test_drain_persists_every_accepted_increment_once_and_trims(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    users = add_users(count=5)
+    for i in range(200):
+        submit(settings, r, users[i % 5], i + 1)
+    events = KeySchema(1).all()[0].events
+    assert r.xlen(events) == 200
+
+    done = persister.drain(0)
+
+    assert done is not None and done.events == 200 and done.new == 200
+    assert pg_scores(pg, users) == redis_totals(settings, r, users)
+    assert len(ledger(pg, users)) == 200
+    assert r.xlen(events) == 0  # trimmed: Postgres has every entry
+    (lag,) = read_lags_sync(r, KeySchema(1).all())
+    assert (lag.unpersisted, lag.persisted, lag.dead_letters) == (0, 200, 0)
+
+
+def test_the_same_batch_applied_twice_changes_nothing(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, servers: Servers
+) -> None:
+    users = add_users(count=3)
+    batch = [Event(f"{i}-0", str(uuid.uuid4()), users[i % 3], (i + 1) * 10) for i in range(30)]
+    store = Store(servers.postgres.url)
+    try:
+        assert store.apply(batch) == (30, [])
+        after_once = (pg_scores(pg, users), ledger(pg, users))
+
+        assert store.apply(batch) == (0, [])  # replayed as it is
+        assert store.apply(list(reversed(batch[:20]))) == (0, [])  # reordered, partly
+        assert store.apply(batch[10:] + batch[:10]) == (0, [])
+
+        assert (pg_scores(pg, users), ledger(pg, users)) == after_once
+        assert sum(after_once[0].values()) == sum(e.delta for e in batch)
+    finally:
+        store.close()
+
+
+def test_a_replayed_stream_entry_is_counted_once(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    (alice,) = add_users(count=1)
+    submit(settings, r, alice, 5)
+    events = KeySchema(1).all()[0].events
+    (entry,) = r.xrange(events)
+    r.xadd(events, entry[1])  # the same event again, under a new stream id (a failover replay)
+    persister.drain(0)
+    r.xadd(events, entry[1])  # and once more, after it was committed
+    persister.drain(0)
+
+    assert pg_scores(pg, [alice]) == {alice: 5}
+    assert len(ledger(pg, [alice])) == 1
+    assert r.xlen(events) == 0
+
+
+def test_entries_left_pending_by_a_dead_consumer_are_reclaimed(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    users = add_users(count=2)
+    for i in range(10):
+        submit(settings, r, users[i % 2], 1)
+    events = KeySchema(1).all()[0].events
+    persister.stream(0).ensure_group()
+    r.xreadgroup(PERSISTER_GROUP, "dead-worker", {events: ">"}, count=6)  # then it dies
+
+    # The dead consumer's entries are reclaimed once idle (XAUTOCLAIM); the others are new.
+    def drained() -> bool:
+        persister.drain(0)
+        return r.xpending(events, PERSISTER_GROUP)["pending"] == 0 and r.xlen(events) == 0
+
+    wait_for(drained, 10, "the dead consumer's entries to be reclaimed")
+    assert pg_scores(pg, users) == {users[0]: 5, users[1]: 5}
+    assert len(ledger(pg, users)) == 10
+
+
+def test_entries_committed_but_not_acknowledged_are_not_applied_twice(
+    settings: Settings,
+    r: redis.Redis,
+    pg: psycopg.Connection,
+    add_users,
+    persister: Persister,
+    servers: Servers,
+) -> None:
+    users = add_users(count=2)
+    for i in range(8):
+        submit(settings, r, users[i % 2], 3)
+    events = KeySchema(1).all()[0].events
+    persister.stream(0).ensure_group()
+    # A worker reads and commits a batch, then dies before XACK.
+    (_, entries), *_ = r.xreadgroup(PERSISTER_GROUP, "dead-worker", {events: ">"})
+    store = Store(servers.postgres.url)
+    try:
+        assert store.apply(parse_all(entries)[0]) == (8, [])
+    finally:
+        store.close()
+    for user in users:
+        submit(settings, r, user, 100)
+
+    def drained() -> bool:
+        persister.drain(0)
+        return r.xlen(events) == 0
+
+    wait_for(drained, 10, "the committed entries to be reclaimed and acknowledged")
+    assert pg_scores(pg, users) == redis_totals(settings, r, users) == {u: 112 for u in users}
+    assert len(ledger(pg, users)) == 10
+
+
+def test_events_postgres_refuses_are_dead_lettered_without_blocking_the_others(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    users = add_users(count=2)
+    keys = KeySchema(1).all()[0]
+    submit(settings, r, users[0], 7)
+    r.xadd(keys.events, {"e": str(uuid.uuid4()), "u": "nobody", "d": "5"})  # unknown to Postgres
+    r.xadd(keys.events, {"e": "not-a-uuid", "u": users[1], "d": "1"})  # malformed
+    submit(settings, r, users[1], 9)
+
+    first = persister.drain(0)
+
+    assert first is not None and first.dead == 1  # the malformed one, at once
+    assert pg_scores(pg, users) == {users[0]: 7, users[1]: 9}  # the others are not held back
+    assert r.xpending(keys.events, PERSISTER_GROUP)["pending"] == 1  # "nobody" waits
+
+    def dead_lettered() -> bool:
+        persister.drain(0)
+        return r.xlen(keys.dead_letters) == 2
+
+    wait_for(dead_lettered, 20, f"the refused event to fail {MAX_FAILURES} times")
+    dead = {fields[b"u"]: fields for _, fields in r.xrange(keys.dead_letters)}
+    assert set(dead) == {b"nobody", users[1].encode()}
+    assert b"ForeignKeyViolation" in dead[b"nobody"][b"reason"]
+    assert dead[users[1].encode()][b"reason"].startswith(b"malformed")
+    assert read_lags_sync(r, [keys])[0].dead_letters == 2
+    assert r.xlen(keys.events) == 0 and not r.exists(keys.persist_failures)
+    assert pg_scores(pg, users) == {users[0]: 7, users[1]: 9}
+
+
+def test_postgres_unavailable_keeps_the_events_in_redis(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, servers: Servers
+) -> None:
+    users = add_users(count=2)
+    for user in users:
+        submit(settings, r, user, 4)
+    keys = KeySchema(1).all()[0]
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/score_service"
+    down = Persister(Settings.from_env(make_env(servers, DATABASE_URL=nowhere)))
+    try:
+        done = down.drain(0, budget_s=0.5)
+    finally:
+        down.close()
+
+    assert done is not None and done.waiting_for_postgres and done.events == 0
+    assert r.xlen(keys.events) == 2 and r.xpending(keys.events, PERSISTER_GROUP)["pending"] == 2
+    assert ledger(pg, users) == {}
+
+    back = Persister(settings)
+    try:
+        wait_for(lambda: bool(back.drain(0)) and r.xlen(keys.events) == 0, 10, "the drain")
+    finally:
+        back.close()
+    assert pg_scores(pg, users) == {u: 4 for u in users}
+
+
+def test_a_flush_is_requested_once_per_flush_cycle(
+    settings: Settings, r: redis.Redis, add_users, persister: Persister
+) -> None:
+    (alice,) = add_users(count=1)
+    assert submit(settings, r, alice, 1).flush  # the first event asks for a flush
+    assert not submit(settings, r, alice, 1).flush  # the next ones pile up for it
+    assert not submit(settings, r, alice, 1).flush
+    persister.drain(0)  # a flush clears the flag as it starts
+    assert submit(settings, r, alice, 1).flush
+
+
+def test_flush_requests_become_rq_jobs(settings: Settings, r: redis.Redis) -> None:
+    request = FlushRequester(settings)
+    queue = Queue(QUEUE, connection=r)
+    request(0)
+    wait_for(lambda: queue.count == 1, 10, "the flush job")
+    (job,) = queue.get_jobs()
+    assert (job.func_name, job.args) == ("persister.jobs.flush", (0,))
+
+
+def test_metrics_show_the_lag_and_the_throughput(
+    settings: Settings,
+    r: redis.Redis,
+    add_users,
+    client: TestClient,
+    persister: Persister,
+) -> None:
+    (alice,) = add_users(count=1)
+    for _ in range(3):
+        submit(settings, r, alice, 2)
+
+    def metric(name: str) -> float:
+        text = client.get("/metrics").text
+        line = next(x for x in text.splitlines() if x.startswith(name + '{partition="0"}'))
+        return float(line.split()[-1])
+
+    assert metric("score_persister_unpersisted_events") == 3
+    assert metric("score_persister_lag_seconds") >= 0
+    persister.drain(0)
+    assert metric("score_persister_unpersisted_events") == 0
+    assert metric("score_persister_lag_seconds") == 0
+    assert metric("score_persister_events_persisted_total") == 3
