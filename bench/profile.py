@@ -76,7 +76,7 @@ def main() -> None:
                 time.sleep(3600)
         first, second = stack.serve.worker_pids()[:2]
         RESULTS.mkdir(exist_ok=True)
-        collapsed = RESULTS / f"profile-{args.what}.txt"
+        collapsed = root / f"profile-{args.what}.txt"
         spy = [py_spy, "record", "--duration", str(args.duration), "--rate", "250"]
         spy.append("--nonblocking")
         recorders: list[subprocess.Popen[bytes]] = []
@@ -95,15 +95,17 @@ def main() -> None:
         if args.what == "hotpath":
             wrk.run("warmup", stack.base, stack.tokens_file, args.connections, 2)
             record()
-            print(
-                wrk.run("profiled", stack.base, stack.tokens_file, args.connections, args.duration)
+            loaded: object = wrk.run(
+                "profiled", stack.base, stack.tokens_file, args.connections, args.duration
             )
         else:
             posts = int(args.duration / 0.1) + 10  # a post every 50-150 ms
-            print(fanout.run(stack, [args.clients], posts, Ledger(), on_connected=record))
+            loaded = fanout.run(stack, [args.clients], posts, Ledger(), on_connected=record)
         for recorder in recorders:
             recorder.wait(args.duration + 30)
-        print(top_functions(collapsed, 30))
+        table = top_functions(collapsed, 40)
+        (RESULTS / f"profile-{args.what}-top.txt").write_text(f"{loaded}\n\n{table}\n")
+        print(loaded, table, sep="\n\n")
     except KeyboardInterrupt:
         pass
     finally:

@@ -180,7 +180,7 @@ def scale(r: Run) -> dict[str, Any]:
             scenarios.Target("10k", r.main.base, r.main.tokens_file, r.ledger),
             scenarios.Target("1M", big.base, big.tokens_file, big_ledger),
         ]
-        out = scenarios.compare(targets, (64,), r.plan.duration_s, r.plan.rounds)
+        out = scenarios.compare(targets, (64,), r.plan.duration_s, max(3, r.plan.rounds))
         out["users"] = {"10k": r.plan.users, "1M": r.plan.big_users}
         log("correctness of the 1M-user stack")
         out["correctness"] = correctness(big, big_ledger)

@@ -132,5 +132,5 @@ class EventStream:
             return
         for consumer in consumers:
             name = consumer["name"].decode()
-            if name != self.consumer and not consumer["pending"] and consumer["idle"] > idle_ms:
+            if name != self.consumer and not consumer["pending"] and consumer["idle"] >= idle_ms:
                 self.client.xgroup_delconsumer(self.keys.events, PERSISTER_GROUP, name)

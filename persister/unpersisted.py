@@ -59,7 +59,7 @@ class Unpersisted:
 
 def last_entry_id(reply: Any) -> str:
     """The id in an `XREVRANGE events + - COUNT 1` reply ("0-0" for an empty stream)."""
-    return _text(reply[0][0]) if reply else EMPTY
+    return str(reply[0][0].decode()) if reply else EMPTY
 
 
 def read_unpersisted(
@@ -80,8 +80,8 @@ def read_unpersisted(
         return result
     group = None
     if not isinstance(groups, Exception):
-        group = next((g for g in groups if _text(g["name"]) == PERSISTER_GROUP), None)
-    delivered = EMPTY if group is None else _text(group["last-delivered-id"])
+        group = next((g for g in groups if g["name"].decode() == PERSISTER_GROUP), None)
+    delivered = EMPTY if group is None else group["last-delivered-id"].decode()
     pending: set[str] = set()
     if group is not None and summary["pending"]:
         pending = _pending_ids(client, keys)
@@ -101,10 +101,10 @@ def _pending_ids(client: redis.Redis, keys: PartitionKeys) -> set[str]:
     start = "-"
     while True:
         rows = client.xpending_range(keys.events, PERSISTER_GROUP, start, "+", PAGE)
-        ids.update(_text(cast(bytes, row["message_id"])) for row in rows)
+        ids.update(cast(bytes, row["message_id"]).decode() for row in rows)
         if len(rows) < PAGE:
             return ids
-        start = "(" + _text(cast(bytes, rows[-1]["message_id"]))
+        start = "(" + cast(bytes, rows[-1]["message_id"]).decode()
 
 
 def _pages(client: redis.Redis, stream: str, start: str, end: str) -> Iterator[list[StreamEntry]]:
@@ -114,7 +114,7 @@ def _pages(client: redis.Redis, stream: str, start: str, end: str) -> Iterator[l
             yield page
         if len(page) < PAGE:
             return
-        start = "(" + _text(page[-1][0])
+        start = "(" + page[-1][0].decode()
 
 
 def _not_in_ledger(
@@ -129,7 +129,3 @@ def _not_in_ledger(
         ).fetchall()
         committed.update(str(row[0]) for row in rows)
     return [e for e in events if e.event_id not in committed]
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -61,10 +61,14 @@ def run(settings: Settings) -> int:
     failures = 0
     try:
         while True:
-            worker = PersisterWorker(
-                [jobs.QUEUE], connection=sync_redis(settings), log_job_description=False
-            )
-            worker.work(with_scheduler=True, logging_level=quiet)
+            connection = sync_redis(settings)
+            worker = PersisterWorker([jobs.QUEUE], connection=connection, log_job_description=False)
+            try:
+                worker.work(with_scheduler=True, logging_level=quiet)
+            except redis.RedisError as exc:  # raised by RQ's own cleanup while Redis is away
+                log.warning("the RQ worker failed: %s", exc)
+            finally:
+                connection.close()
             if worker.stopping:
                 log.info("persister worker stopped")
                 return 0

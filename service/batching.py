@@ -8,8 +8,9 @@ paid once per batch. Each call still gets its own reply or its own error: Redis 
 pipeline in order, and an error reply is one call's exception, never the batch's.
 
 Failure rules, the same as the plain client's: a call that cannot reach Redis, or whose reply
-has not come `timeout` seconds after it was written, fails with ConnectionError or
-TimeoutError (the hot path answers 503). A call is never sent twice: after a write, a broken
+has not come `timeout` seconds after it was written (2 x `timeout` while Redis goes on
+answering earlier calls), fails with ConnectionError or TimeoutError (the hot path answers
+503). A call is never sent twice: after a write, a broken
 connection fails the calls waiting on it; calls not yet written wait for the next connection.
 
 The connection is borrowed from the client's own pool, so `Redis.aclose()` closes it with the
@@ -46,6 +47,7 @@ class AutoPipeline:
         self._reader: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._last_reply = 0.0  # loop time of the last data read from Redis
 
     @classmethod
     def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
@@ -79,10 +81,11 @@ class AutoPipeline:
             return
         batch, self._queued = self._queued, []
         writer.write(b"".join(packed for packed, _ in batch))
-        deadline = asyncio.get_running_loop().time() + self._timeout
-        self._waiting.extend((deadline, future) for _, future in batch)
+        loop = asyncio.get_running_loop()
+        written = loop.time()
+        self._waiting.extend((written, future) for _, future in batch)
         if self._watchdog is None:
-            self._watchdog = asyncio.get_running_loop().call_at(deadline, self._check_deadline)
+            self._watchdog = loop.call_at(written + self._timeout, self._check_deadline)
 
     async def _connect(self) -> None:
         try:
@@ -110,6 +113,7 @@ class AutoPipeline:
                 data = await stream.read(READ_CHUNK)
                 if not data:
                     break
+                self._last_reply = asyncio.get_running_loop().time()
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
                     _, future = waiting.popleft()
@@ -140,12 +144,19 @@ class AutoPipeline:
         if not self._waiting:
             return
         loop = asyncio.get_running_loop()
-        deadline, _ = self._waiting[0]
-        if deadline > loop.time():
+        now = loop.time()
+        written, _ = self._waiting[0]
+        # The oldest call gets `timeout`, and a second one while Redis keeps answering: a
+        # busy process reads late (its timers can fire before it reads what has arrived),
+        # which is no reason to answer 503.
+        deadline = written + self._timeout
+        if now - self._last_reply < self._timeout:
+            deadline = min(written + 2 * self._timeout, self._last_reply + self._timeout)
+        if deadline > now:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
             return
-        # The oldest call waited too long: Redis is hung or gone. The stream can no longer be
-        # trusted to line up replies with calls, so drop the connection.
+        # Redis is hung or gone. The stream can no longer be trusted to line up replies with
+        # calls, so drop the connection.
         conn = self._conn
         self._fail_waiting(redis.exceptions.TimeoutError("Timeout reading from Redis"))
         if conn is not None and self._reader is not None:

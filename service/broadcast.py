@@ -2,9 +2,11 @@
 
 One task tails the partitions' top streams (XREAD BLOCK, on a Redis connection of its own)
 and keeps the merged top-N in memory; a second publishes the newest state to every
-subscriber, at most once per tick (SCORE_LIVE_TICK_MS). Each frame is encoded once, as
-ready-made ASGI messages shared by all clients, and a subscriber holds only the newest frame
-it has not sent yet: a burst costs a slow client skipped frames, never a growing queue.
+subscriber, at most once per tick (SCORE_LIVE_TICK_MS). Each frame is encoded once and shared
+by all clients (`service.frames`); how it reaches one client is `service.subscribers`'s
+business: written straight to its transport, or handed to its own task. Either way a client
+holds only the newest frame it has not been sent: a burst costs a slow client skipped frames,
+never a growing queue.
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from prometheus_client import Counter as Metric
 from prometheus_client import Gauge
 
 from service.connections import async_redis
+from service.frames import Frame, encode_frame
 from service.keys import KeySchema
 from service.leaderboard import build
-from service.models import Leaderboard, encoder
 from service.settings import Settings
+from service.subscribers import Ending, Subscriber
 from service.tops import Tops, read_tops
 
 log = logging.getLogger(__name__)
@@ -35,48 +36,6 @@ CONNECTED = Gauge("score_live_connections", "Live leaderboard clients of this pr
 PUBLISHED = Metric("score_live_frames", "Leaderboard frames published to this process's clients")
 CLOSED = Metric("score_live_closed", "Live clients closed or refused by the server", ["reason"])
 FOLLOWING = Gauge("score_live_following", "1 while this process follows the top streams")
-
-Version = tuple[int, int]
-
-
-def version_order(version: str) -> Version | None:
-    """A top stream id ("<ms>-<seq>") as a comparable pair; None if it is not one."""
-    ms, sep, seq = version.partition("-")
-    if not (sep and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        return None
-    return int(ms), int(seq)
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Frame:
-    """One leaderboard state, encoded once for every client and transport."""
-
-    order: Version  # the version, comparable
-    text: str  # the JSON frame
-    ws: dict[str, Any]  # the ASGI websocket.send message
-    sse: dict[str, Any]  # the ASGI http.response.body message: one event, id = version
-
-
-def encode_frame(board: Leaderboard) -> Frame:
-    """`board` as a frame: its JSON once, wrapped for WebSocket and SSE."""
-    body = encoder.encode(board)
-    text = body.decode()
-    event = b"id: " + board.version.encode() + b"\ndata: " + body + b"\n\n"
-    return Frame(
-        order=version_order(board.version) or (0, 0),
-        text=text,
-        ws={"type": "websocket.send", "text": text},
-        sse={"type": "http.response.body", "body": event, "more_body": True},
-    )
-
-
-class Ending(NamedTuple):
-    """Why the server ends a connection: a WebSocket close code, a reason, a metric label."""
-
-    code: int
-    reason: str
-    label: str
-
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code: a limit is reached, or no state is known yet
 GOING_AWAY = Ending(1001, "the server is shutting down; reconnect", "going_away")
@@ -94,47 +53,6 @@ class Refused(Exception):
         self.ending = ending
 
 
-class Subscriber:
-    """One client: the newest frame it has not been sent, and whether it must end."""
-
-    __slots__ = ("address", "after", "ending", "heartbeat", "keepalive", "pending", "sent", "wake")
-
-    def __init__(self, address: str, after: Version | None, heartbeat: bool) -> None:
-        self.address = address
-        self.after = after  # send no frame at or below this version (SSE Last-Event-ID)
-        self.heartbeat = heartbeat  # wants keepalives from the broadcaster (SSE)
-        self.pending: Frame | None = None
-        self.sent: Frame | None = None
-        self.keepalive = False
-        self.ending: Ending | None = None
-        self.wake = asyncio.Event()
-
-    def offer(self, frame: Frame) -> None:
-        """Make `frame` the next to send, replacing any older one not sent yet."""
-        if frame is not self.sent:
-            self.pending = frame
-            self.wake.set()
-
-    def ping(self) -> None:
-        """Ask for a keepalive (sent only if no frame is pending)."""
-        self.keepalive = True
-        self.wake.set()
-
-    def end(self, ending: Ending) -> None:
-        """Make the connection end (the first reason given wins)."""
-        if self.ending is None:
-            self.ending = ending
-            self.wake.set()
-
-    def take(self) -> Frame | None:
-        """The frame to send now, if any (consumes it)."""
-        frame, self.pending = self.pending, None
-        if frame is None or (self.after is not None and frame.order <= self.after):
-            return None
-        self.after, self.sent = None, frame
-        return frame
-
-
 class Broadcaster:
     """The live leaderboard of one process: its state, its subscribers and its limits."""
 
@@ -144,6 +62,7 @@ class Broadcaster:
         self.latest: Frame | None = None
         self.going_away = False
         self._subscribers: set[Subscriber] = set()
+        self._behind: set[Subscriber] = set()  # clients still holding an unsent frame
         self._per_address: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -172,30 +91,29 @@ class Broadcaster:
 
     # Subscribers
 
-    def admit(
-        self, address: str, *, after: Version | None = None, heartbeat: bool = False
-    ) -> Subscriber:
-        """A subscriber for a new client at `address`, holding the current state if there is
-        one; Refused when a limit is reached or the server is shutting down."""
+    def admit(self, sub: Subscriber) -> Subscriber:
+        """Take `sub` (a new client), holding the current state if there is one; Refused when a
+        limit is reached or the server is shutting down."""
         s = self.settings
         if self.going_away:
             raise Refused(GOING_AWAY)
         if len(self._subscribers) >= s.live_max_connections:
             raise Refused(TOO_MANY)
-        if self._per_address[address] >= s.live_max_per_client:
+        if self._per_address[sub.address] >= s.live_max_per_client:
             raise Refused(TOO_MANY_HERE)
-        sub = Subscriber(address, after, heartbeat)
         self._subscribers.add(sub)
-        self._per_address[address] += 1
+        self._per_address[sub.address] += 1
         self._idle.clear()
         CONNECTED.inc()
         if self.latest is not None:
-            sub.offer(self.latest)  # the snapshot: a new client is whole from its first frame
+            # the snapshot: a new client is whole from its first frame
+            sub.offer(self.latest, asyncio.get_running_loop().time())
         return sub
 
     def release(self, sub: Subscriber) -> None:
         """Forget a subscriber whose connection ended (gives its slots back)."""
         self._subscribers.discard(sub)
+        self._behind.discard(sub)
         self._per_address[sub.address] -= 1
         if self._per_address[sub.address] <= 0:
             del self._per_address[sub.address]
@@ -268,17 +186,32 @@ class Broadcaster:
 
     async def _fan_out(self) -> None:
         """Publish the newest state at most once per tick; the first change of a quiet spell
-        goes out at once, the rest of a burst is folded into the next tick."""
+        goes out at once, the rest of a burst is folded into the next tick.
+
+        A client that was behind (its earlier frame not taken yet) holds the newest frame back;
+        it is offered again each tick until it has it, or until it is too slow. Waiting for it
+        never delays the others: a change still goes out as soon as it is due.
+        """
         tick = self.settings.live_tick_ms / 1000
+        loop = asyncio.get_running_loop()
         while True:
-            await self._changed.wait()
-            self._changed.clear()
+            if self._behind:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(tick):
+                        await self._changed.wait()
+            else:
+                await self._changed.wait()
             frame = self.latest
             if frame is None:
+                self._changed.clear()
                 continue
-            for sub in self._subscribers:
-                sub.offer(frame)
+            now = loop.time()
+            if not self._changed.is_set():  # a tick passed: only the ones behind, again
+                self._behind = {sub for sub in self._behind if sub.offer(frame, now)}
+                continue
+            self._changed.clear()
             PUBLISHED.inc()
+            self._behind = {sub for sub in self._subscribers if sub.offer(frame, now)}
             await asyncio.sleep(tick)
 
     async def _keepalive(self) -> None:
@@ -287,5 +220,4 @@ class Broadcaster:
         while True:
             await asyncio.sleep(self.settings.live_ping_interval_s)
             for sub in self._subscribers:
-                if sub.heartbeat and sub.pending is None:
-                    sub.ping()
+                sub.ping()

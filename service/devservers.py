@@ -46,6 +46,8 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         try:
             if check():
                 return
+        except ServerError:
+            raise  # the server died: waiting longer cannot help
         except Exception as exc:  # not up yet
             last = exc
         time.sleep(0.05)
@@ -147,10 +149,15 @@ class RedisServer:
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
-            wait_for(lambda: self._alive() and bool(client.ping()), 20, f"redis on {self.port}")
+            wait_for(lambda: self._alive() and self._ours(client), 20, f"redis on {self.port}")
         finally:
             client.close()
         return self
+
+    def _ours(self, client: Any) -> bool:
+        """The server answering on our port is the one we started (not a port-race winner)."""
+        assert self.process is not None
+        return bool(client.info("server")["process_id"] == self.process.pid)
 
     def _alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -229,8 +236,10 @@ class PostgresServer:
                 raise ServerError(
                     "postgres exited: " + (self.directory / "postgres.log").read_text()[-1500:]
                 )
-            psycopg.connect(admin, connect_timeout=1).close()
-            return True
+            with psycopg.connect(admin, connect_timeout=1) as conn:
+                row = conn.execute("SHOW data_directory").fetchone()
+            # the server on our port is ours, not a port-race winner
+            return row is not None and Path(str(row[0])).resolve() == data.resolve()
 
         wait_for(accepting, 30, f"postgres on {self.port}")
         with psycopg.connect(admin, autocommit=True) as conn:

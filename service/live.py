@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
@@ -27,18 +28,18 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
-from service.broadcast import (
-    CLOSED,
-    TRY_AGAIN_LATER,
-    Broadcaster,
-    Ending,
-    Frame,
-    Refused,
-    Subscriber,
-    Version,
-    version_order,
-)
+from service.broadcast import CLOSED, TRY_AGAIN_LATER, Broadcaster, Refused
 from service.errors import problem
+from service.frames import Frame, version_order
+from service.subscribers import (
+    TOO_SLOW,
+    Direct,
+    Ending,
+    Pumped,
+    Subscriber,
+    limit_stuck_time,
+    wire_of,
+)
 
 SNAPSHOT_WAIT_S = 2.0  # a new client waits at most this long for a first leaderboard
 RETRY_AFTER_S = "1"
@@ -47,7 +48,6 @@ UNAVAILABLE = Ending(
     TRY_AGAIN_LATER, "the leaderboard is not available yet; retry later", "unavailable"
 )
 TOO_BIG = Ending(1009, "message too big: clients need send nothing", "too_big")
-TOO_SLOW = Ending(4001, "too slow: the client did not keep up", "slow")
 CLIENT_LEFT = Ending(1000, "", "client_left")
 FORBIDDEN_ORIGIN = "this Origin may not open the live leaderboard"
 
@@ -79,7 +79,7 @@ def client_address(scope: Scope) -> str:
 
 
 async def pump(
-    sub: Subscriber, send: Send, pick: Callable[[Frame], Message], send_timeout_s: float
+    sub: Pumped, send: Send, pick: Callable[[Frame], Message], send_timeout_s: float
 ) -> Ending:
     """Send `sub` its frames, and keepalives if it asked for them (SSE), until it must end;
     why it ended."""
@@ -105,6 +105,10 @@ async def pump(
             return CLIENT_LEFT
 
 
+S = TypeVar("S", bound=Subscriber)
+Reader = Callable[[], Coroutine[Any, Any, Ending]]  # reads from the client until it leaves
+
+
 class _Endpoint:
     def __init__(self, live: Broadcaster) -> None:
         self.live = live
@@ -112,29 +116,30 @@ class _Endpoint:
         self.allowed = frozenset(o.rstrip("/").lower() for o in settings.live_allowed_origins)
         self.send_timeout_s = settings.live_send_timeout_s
 
-    async def subscribe(
-        self, scope: Scope, *, after: Version | None = None, heartbeat: bool = False
-    ) -> Subscriber:
-        """A subscriber with a leaderboard to send first; Refused if there is none in time."""
-        sub = self.live.admit(client_address(scope), after=after, heartbeat=heartbeat)
+    async def subscribe(self, sub: S) -> S:
+        """`sub`, admitted, with a leaderboard to send first; Refused if there is none in time."""
+        self.live.admit(sub)
         if await self.live.wait_for_state(SNAPSHOT_WAIT_S):
             return sub
         self.live.release(sub)
         raise Refused(UNAVAILABLE)
 
     async def follow(
-        self,
-        sub: Subscriber,
-        watch: Coroutine[Any, Any, None],
-        send: Send,
-        pick: Callable[[Frame], Message],
+        self, sub: Pumped, read: Reader, send: Send, pick: Callable[[Frame], Message]
     ) -> Ending:
-        """Pump frames to `sub` while `watch` reads from its client; why it ended."""
-        watcher = asyncio.create_task(watch)
+        """Pump frames to `sub` while `read` reads from its client; why it ended."""
+
+        async def watch() -> None:
+            sub.end(await read())
+
+        watcher = asyncio.create_task(watch())
         try:
-            ending = await pump(sub, send, pick, self.send_timeout_s)
+            return self.counted(await pump(sub, send, pick, self.send_timeout_s))
         finally:
             watcher.cancel()
+
+    @staticmethod
+    def counted(ending: Ending) -> Ending:
         if ending is not CLIENT_LEFT:
             CLOSED.labels(ending.label).inc()
         return ending
@@ -156,8 +161,11 @@ class LiveSocket(_Endpoint):
             CLOSED.labels("origin").inc()
             await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
             return
+        address = client_address(scope)
+        wire = wire_of(receive)
+        sub = Pumped(address) if wire is None else Direct(address, wire, self.send_timeout_s)
         try:
-            sub = await self.subscribe(scope)
+            await self.subscribe(sub)
         except Refused as refused:
             # Accepted, then closed: a browser sees the close code of an open socket, never
             # a refused handshake's status.
@@ -167,12 +175,22 @@ class LiveSocket(_Endpoint):
             return
         try:
             await send({"type": "websocket.accept"})
-            limit = self.live.settings.live_max_message_bytes
-            ending = await self.follow(sub, watch_socket(receive, sub, limit), send, _ws_message)
+            read = partial(read_socket, receive, self.live.settings.live_max_message_bytes)
+            if isinstance(sub, Direct):
+                limit_stuck_time(sub.wire, self.stuck_limit_s())
+                ending = self.counted(await sub.follow(read))
+            else:
+                ending = await self.follow(sub, read, send, _ws_message)
             if ending is not CLIENT_LEFT:
                 await self.last_words(send, _close(ending))
         finally:
             self.live.release(sub)
+
+    def stuck_limit_s(self) -> float:
+        # Longer than any wait the server itself allows a client (a send: the send timeout; a
+        # pong: the ping interval, twice over), so the kernel never ends a connection first.
+        settings = self.live.settings
+        return 2 * max(settings.live_send_timeout_s, settings.live_ping_interval_s)
 
 
 def _close(ending: Ending) -> Message:
@@ -187,17 +205,15 @@ def _sse_message(frame: Frame) -> Message:
     return frame.sse
 
 
-async def watch_socket(receive: Receive, sub: Subscriber, limit: int) -> None:
+async def read_socket(receive: Receive, limit: int) -> Ending:
     """Read what the client sends (nothing is expected) until it leaves or sends too much."""
     while True:
         message = await receive()
         if message["type"] == "websocket.disconnect":
-            sub.end(CLIENT_LEFT)
-            return
+            return CLIENT_LEFT
         data = message.get("bytes") or (message.get("text") or "").encode()
         if len(data) > limit:
-            sub.end(TOO_BIG)
-            return
+            return TOO_BIG
 
 
 class LiveStream(_Endpoint):
@@ -211,7 +227,7 @@ class LiveStream(_Endpoint):
             return
         after = version_order(headers.get("last-event-id", "").strip())
         try:
-            sub = await self.subscribe(scope, after=after, heartbeat=True)
+            sub = await self.subscribe(Pumped(client_address(scope), after, heartbeat=True))
         except Refused as refused:
             CLOSED.labels(refused.ending.label).inc()
             retry = {"Retry-After": RETRY_AFTER_S}
@@ -224,7 +240,7 @@ class LiveStream(_Endpoint):
                 await send(SSE_END)
                 return
             await send(SSE_PREAMBLE)
-            ending = await self.follow(sub, watch_request(receive, sub), send, _sse_message)
+            ending = await self.follow(sub, partial(read_request, receive), send, _sse_message)
             if ending is not CLIENT_LEFT:
                 await self.last_words(send, SSE_END)  # EventSource reconnects after `retry`
         finally:
@@ -244,11 +260,11 @@ class LiveStream(_Endpoint):
         ]
 
 
-async def watch_request(receive: Receive, sub: Subscriber) -> None:
+async def read_request(receive: Receive) -> Ending:
     """Wait until the SSE client goes away."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    sub.end(CLIENT_LEFT)
+    return CLIENT_LEFT
 
 
 async def upgrade_required(request: Request) -> Response:

@@ -1,8 +1,8 @@
 """How far the persister is behind, read from Redis: for /metrics and the worker's logs.
 
 Everything here comes from the events stream and its consumer group, so any process can
-compute it cheaply on demand (a scrape costs one or two pipelined round trips per partition)
-and every service process reports the same numbers.
+compute it cheaply on demand (a scrape costs at most two pipelined round trips, whatever the
+number of partitions) and every service process reports the same numbers.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import redis.exceptions
 from service.batching import AutoPipeline
 from service.connections import SOCKET_TIMEOUT_S
 from service.keys import KeySchema, PartitionKeys
-from service.settings import Settings
+from service.settings import MAX_SCORE, Settings
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 _NAME = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
@@ -102,7 +102,11 @@ def prepare_submit(
     idempotency_key: str | None = None,
     operator: bool = False,
 ) -> Submit:
-    """Keys and arguments for one increment (`operator`: no rate limit, negative allowed)."""
+    """Keys and arguments for one increment.
+
+    `operator` (the admin API): no rate limit, negative deltas allowed, and no
+    SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment.
+    """
     p = schema.for_user(user_id)
     idem = p.idempotency(user_id, idempotency_key or "")
     keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag]
@@ -113,7 +117,7 @@ def prepare_submit(
         1 if idempotency_key is not None else 0,
         0 if operator else settings.rate_interval_us,
         settings.rate_burst,
-        settings.max_increase,
+        MAX_SCORE if operator else settings.max_increase,
         settings.top_n,
         settings.idempotency_ttl_s,
         1 if operator else 0,
@@ -155,8 +159,10 @@ class Scripts:
         try:
             reply = await self._pipeline.execute("EVALSHA", sha, len(keys), *keys, *call.args)
         except redis.exceptions.NoScriptError:
-            # Redis restarted and lost its script cache: redis-py loads it and runs the call
-            reply = await self._submit.script(keys=keys, args=call.args)
+            # A new or restarted Redis without the script (nothing ran): EVAL runs the same
+            # call and caches the script, still in the batch
+            body = self._submit.script.script
+            reply = await self._pipeline.execute("EVAL", body, len(keys), *keys, *call.args)
         return parse_submit(reply)
 
     async def publish_top(self, keys: PartitionKeys, top_n: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import fakeredis
 import pytest
@@ -74,7 +74,9 @@ class Harness:
 
     def provision(self, *user_ids: str) -> None:
         """What service.users does in Redis: a member at 0 (kept if present), a new top-N."""
-        if self.client.zadd(self.keys.leaderboard, dict.fromkeys(user_ids, 0), nx=True):
+        if user_ids and self.client.zadd(
+            self.keys.leaderboard, dict.fromkeys(user_ids, 0), nx=True
+        ):
             self.scripts.publish_top(self.keys, self.settings.top_n)
 
     def prepare(
@@ -117,9 +119,11 @@ class Harness:
             snap[key] = (self.client.type(key), self.client.dump(key), self.client.pttl(key))
         return snap
 
-    def assert_unchanged(self, before: Snapshot) -> None:
-        """The keyspace is byte-for-byte what it was (and no expiry was pushed back)."""
-        after = self.snapshot()
+    def assert_unchanged(self, before: Snapshot, *, but: Collection[bytes] = ()) -> None:
+        """The keyspace is byte-for-byte what it was (and no expiry was pushed back), except
+        for the keys in `but`."""
+        after = {k: v for k, v in self.snapshot().items() if k not in but}
+        before = {k: v for k, v in before.items() if k not in but}
         assert sorted(after) == sorted(before)
         for key, (kind, dumped, pttl) in before.items():
             kind_after, dumped_after, pttl_after = after[key]

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     precondition,
     rule,
@@ -40,7 +41,7 @@ from service.settings import MAX_SCORE, Settings
 BURST = 4
 FLUSH_TTL_S = HOUR_US // 1_000_000
 TOP_N = 3
-MAX_INCREASE = MAX_SCORE - 10  # large: one or two steps can push a total past 2^53-1
+MAX_INCREASE = MAX_SCORE  # the largest allowed: one or two steps can pass 2^53-1
 MODEL_SETTINGS = Settings(
     rate_interval_us=HOUR_US, rate_burst=BURST, max_increase=MAX_INCREASE, top_n=TOP_N
 )
@@ -53,13 +54,13 @@ idempotency_keys = st.none() | st.sampled_from(IDEMPOTENCY_KEYS)
 player_deltas = st.one_of(
     st.integers(1, 50),
     st.integers(1, MAX_INCREASE),
-    st.sampled_from([MAX_INCREASE + 1, MAX_SCORE, MAX_SCORE + 1, 2**64]),  # too large
+    st.sampled_from([MAX_SCORE, MAX_SCORE + 1, 2**64]),  # the largest accepted, too large
     st.integers(-50, -1),  # refused: players only add
 )
 operator_deltas = st.one_of(
     st.integers(-60, -1), st.integers(-MAX_INCREASE, -1), st.integers(1, 50)
 )
-gaps = st.integers(-1, 1)  # to land just below, on, or just past 2^53-1
+gaps = st.integers(-1, 1)  # to land on a bound (0, 2^53-1) or one either side of it
 REFUSALS = {Status.RATE_LIMITED, Status.UNKNOWN_USER, Status.OUT_OF_RANGE}
 
 
@@ -134,6 +135,11 @@ class LeaderboardMachine(RuleBasedStateMachine):
         super().__init__()
         self.h = Harness(empty_redis(), MODEL_SETTINGS)
         self.model = Model()
+        self.first_tat: dict[str, int] = {}  # GCRA state after a user's first spend
+
+    @initialize(ids=st.lists(users, min_size=2, max_size=4))
+    def provision_first(self, ids: list[str]) -> None:
+        self.provision(ids)
 
     @rule(ids=st.lists(users, min_size=1, max_size=3))
     def provision(self, ids: list[str]) -> None:
@@ -151,10 +157,16 @@ class LeaderboardMachine(RuleBasedStateMachine):
     def adjust(self, user: str, delta: int, key: str | None) -> None:
         self._call(user, delta, key, operator=True)
 
-    @rule(user=users, gap=gaps, key=idempotency_keys, operator=st.booleans())
-    def top_up(self, user: str, gap: int, key: str | None, operator: bool) -> None:
-        """Add what is left to 2^53-1, plus `gap`: random deltas almost never hit it."""
-        delta = MAX_SCORE - self.model.scores.get(user, 0) + gap
+    @rule(
+        user=users,
+        bound=st.sampled_from([0, MAX_SCORE]),
+        gap=gaps,
+        key=idempotency_keys,
+        operator=st.booleans(),
+    )
+    def to_bound(self, user: str, bound: int, gap: int, key: str | None, operator: bool) -> None:
+        """Move a total to 0 or 2^53-1, give or take one: random deltas almost never do."""
+        delta = bound - self.model.scores.get(user, 0) + gap
         assume(delta != 0)
         self._call(user, delta, key, operator)
 
@@ -185,12 +197,13 @@ class LeaderboardMachine(RuleBasedStateMachine):
         assert result.retry_after_us <= HOUR_US
         self._check_flush(result)
         self._check_top(result, top_before)
+        if self.model.spent.get(user) == 1 and user not in self.first_tat:
+            self.first_tat[user] = int(self.h.client.get(call.keys[1]) or 0)
         if result.status in REFUSALS or result.status is Status.IDEMPOTENCY_MISMATCH:
             self.h.assert_unchanged(before)
         elif result.status is Status.REPLAY:
             # only the rate allowance moves
-            rate_key = call.keys[1].encode()
-            self.h.assert_unchanged({k: v for k, v in before.items() if k != rate_key})
+            self.h.assert_unchanged(before, but=[call.keys[1].encode()])
 
     def _check_flush(self, result: SubmitResult) -> None:
         accepted = result.status is Status.OK
@@ -227,10 +240,14 @@ class LeaderboardMachine(RuleBasedStateMachine):
             assert FLUSH_FLAG_TTL_S < ttl <= FLUSH_TTL_S  # the long TTL is in force
 
     @invariant()
-    def rate_state_exists_only_for_spenders(self) -> None:
+    def rate_state_moves_one_interval_per_spend(self) -> None:
         for user in USERS:
-            rate_key = self.h.prepare(user, 1).keys[1]
-            assert bool(self.h.client.exists(rate_key)) == (self.model.spent.get(user, 0) > 0)
+            tat = self.h.client.get(self.h.prepare(user, 1).keys[1])
+            spent = self.model.spent.get(user, 0)
+            if spent == 0:
+                assert tat is None  # refusals never create the state
+            else:
+                assert int(tat or 0) == self.first_tat[user] + (spent - 1) * HOUR_US
 
 
 RUNS = {"fake": (150, 30), "real": (40, 30)}  # (examples, steps per example)

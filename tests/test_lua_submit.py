@@ -65,15 +65,15 @@ def test_each_accepted_increment_appends_one_event_with_its_id(h: Harness) -> No
     h.provision(a, b)
     plain = h.prepare(a, 5)
     keyed = h.prepare(b, 7, "order-1")
-    assert h.scripts.submit(plain).status is Status.OK
-    assert h.scripts.submit(keyed).status is Status.OK
-    assert h.submit(a, -1, operator=True).status is Status.OK
+    adjustment = h.prepare(a, -1, operator=True)
+    for call in (plain, keyed, adjustment):
+        assert h.scripts.submit(call).status is Status.OK
 
     events = h.events()
     assert [fields for _, fields in events] == [
         {"e": str(plain.args[2]), "u": a, "d": "5"},
         {"e": event_id(b, "order-1"), "u": b, "d": "7"},
-        {"e": events[2][1]["e"], "u": a, "d": "-1"},
+        {"e": str(adjustment.args[2]), "u": a, "d": "-1"},
     ]
     assert len({fields["e"] for _, fields in events}) == 3  # unique per accepted increment
     assert h.submit("ghost", 1).status is Status.UNKNOWN_USER
@@ -110,9 +110,8 @@ def test_idempotency_key_reused_with_another_delta_writes_nothing(h: Harness) ->
 
     for delta in (8, -7, 70):
         mismatch = h.submit(a, delta, "k1", operator=delta < 0)
-        assert (mismatch.status, mismatch.total, mismatch.rank) == (
-            Status.IDEMPOTENCY_MISMATCH, 0, 0
-        )  # fmt: skip
+        assert mismatch.status is Status.IDEMPOTENCY_MISMATCH
+        assert (mismatch.total, mismatch.rank) == (0, 0)
     assert h.submit(a, 8, "k1").remaining == h.settings.rate_burst - 1  # nothing spent
     h.assert_unchanged(before)
     assert h.submit(a, 8, "k2").total == 15  # another key is another request
@@ -164,7 +163,7 @@ def test_a_total_past_2_53_minus_1_is_refused_never_rounded(h: Harness) -> None:
     h.provision(a)
     h.client.zadd(h.keys.leaderboard, {a: -(MAX_SCORE - 3)})
     before = h.snapshot()
-    for delta in (4, 5, 1_000_000):  # MAX+1 and MAX+2 would round to 2^53 as doubles
+    for delta in (4, 5, 1_000_000):  # MAX+2 = 2^53+1 is no double: it would round to 2^53
         assert h.submit(a, delta).status is Status.OUT_OF_RANGE
     h.assert_unchanged(before)
 
@@ -201,9 +200,7 @@ def test_operator_may_subtract_down_to_zero(h: Harness) -> None:
     assert h.board() == [(b, 4), (a, 0)]
     assert h.events()[-1][1]["d"] == "-3"
     assert h.submit(a, -1, operator=True).status is Status.OUT_OF_RANGE
-    # operators are not rate limited: their calls never touch the allowance
-    assert h.client.get(h.prepare(b, 1).keys[1]) is not None
-    assert h.client.exists(h.prepare(a, 1, operator=True).keys[1]) == 1  # from a's own +10
+    # operators are not rate limited: only a's own +10 has spent from its allowance
     assert h.submit(a, 1).remaining == h.settings.rate_burst - 2
 
 
@@ -308,6 +305,22 @@ def test_refused_calls_publish_nothing(h: Harness) -> None:
     assert h.submit(a, -1).top_version == ""
     assert h.submit("ghost", 1).top_version == ""
     assert h.top_entries() == entries
+
+
+def test_publish_top_appends_the_current_top_n(h: Harness) -> None:
+    a, b, c = ids("a", "b", "c")
+    version = h.scripts.publish_top(h.keys, 2)
+    assert h.top_entries() == [(version, [])]  # an empty leaderboard is a version too
+    h.provision(a, b, c)
+    h.client.zadd(h.keys.leaderboard, {c: -7})  # e.g. a rebuild, outside submit_score
+    version = h.scripts.publish_top(h.keys, 2)
+    assert h.top_entries()[-1] == (version, [(c, 7), (a, 0)])
+
+    before = h.snapshot()
+    for top_n in (0, -1, "x"):
+        with pytest.raises(redis.ResponseError, match="publish_top: bad top N"):
+            h.client.eval(load("publish_top").body, 2, h.keys.leaderboard, h.keys.top, top_n, 10)
+    h.assert_unchanged(before)
 
 
 # --- flush flag ----------------------------------------------------------------------------

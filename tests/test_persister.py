@@ -237,3 +237,22 @@ def test_metrics_show_the_lag_and_the_throughput(
     assert metric("score_persister_unpersisted_events") == 0
     assert metric("score_persister_lag_seconds") == 0
     assert metric("score_persister_events_persisted_total") == 3
+
+
+def test_consumers_of_dead_workers_are_forgotten_once_idle_and_empty(
+    settings: Settings, r: redis.Redis, add_users, persister: Persister
+) -> None:
+    (alice,) = add_users(count=1)
+    submit(settings, r, alice, 1)
+    events = KeySchema(1).all()[0].events
+    stream = persister.stream(0)
+    stream.ensure_group()
+    r.xreadgroup(PERSISTER_GROUP, "dead-holding", {events: ">"})  # holds an entry
+    r.xgroup_createconsumer(events, PERSISTER_GROUP, "dead-empty")  # holds nothing
+    r.xgroup_createconsumer(events, PERSISTER_GROUP, persister.consumer)
+    assert len(r.xinfo_consumers(events, PERSISTER_GROUP)) == 3
+
+    stream.forget_idle_consumers(0)
+
+    names = {c["name"].decode() for c in r.xinfo_consumers(events, PERSISTER_GROUP)}
+    assert names == {"dead-holding", persister.consumer}
