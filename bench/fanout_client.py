@@ -32,6 +32,7 @@ RECV = 1 << 16
 CMSG = socket.CMSG_SPACE(16)
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 DELTA = 1000
+FRAME_WAIT_S = 3.0
 
 
 class Head(msgspec.Struct):
@@ -202,12 +203,16 @@ def main() -> None:
             for c in conns:
                 c.got_at = 0
             sent, s = post(host, port, args.user, args.token)
-            pump(poller, by_fd, lambda conns=conns: all(c.got_at for c in conns), 5)
+            pump(poller, by_fd, lambda conns=conns: all(c.got_at for c in conns), FRAME_WAIT_S)
             status = read_status(s)
             acked += DELTA if status == 200 else 0
             in_doubt += DELTA if status == 0 else 0
             got = sorted(c.got_at for c in conns if c.got_at)
             missing += len(conns) - len(got)
+            if status != 200 or not got:
+                error = f"a post answered {status} and reached {len(got)} clients"
+                emit({"event": "error", "clients": level, "error": error})
+                return
             if got:
                 last_ms.append((got[-1] - sent) / 1e6)
                 median_ms.append((got[len(got) // 2] - sent) / 1e6)

@@ -70,7 +70,11 @@ def http_server(name: str, args: list[str], env: dict[str, str], log: Path, read
             raise RuntimeError(f"{name} exited:\n{proc.tail()}")
         return httpx.get(proc.base + ready, timeout=1).status_code == 200
 
-    wait_for(up, 60, name)
+    try:
+        wait_for(up, 60, name)
+    except BaseException:
+        proc.stop()
+        raise
     return proc
 
 

@@ -17,14 +17,17 @@
     KEYS[1] leaderboard   ZSET  member user_id, score -total
     KEYS[2] rate          STRING GCRA theoretical arrival time (microseconds, Redis clock)
     KEYS[3] idempotency   STRING "<delta>:<new_total>" for (user, Idempotency-Key), or unused
-    KEYS[4] events        STREAM e=<event id> u=<user_id> d=<delta>, drained by the persister
+    KEYS[4] events        STREAM e=<event id> u=<user_id> d=<delta>, and with an Idempotency-Key
+                                 also k=<the key> t=<new total> (rebuild restores the record
+                                 from them); drained by the persister
     KEYS[5] top           STREAM the new top-N as user_id/-score pairs, only when it changed
     KEYS[6] flush flag    STRING set when a persister flush must be requested
 
     ARGV[1]  user_id
     ARGV[2]  delta                 integer, non-zero
-    ARGV[3]  event id              made by the service (UUID), unique per accepted increment
-    ARGV[4]  use idempotency key   "1" or "0"
+    ARGV[3]  event id              made by the service (a random UUID), unique per accepted
+                                   increment, with or without an Idempotency-Key
+    ARGV[4]  Idempotency-Key       the caller's key, or "" for none (KEYS[3] is then unused)
     ARGV[5]  emission interval     microseconds per request; "0" disables rate limiting
     ARGV[6]  burst                 requests allowed at once
     ARGV[7]  max |delta|
@@ -90,7 +93,8 @@ local flush_key = KEYS[6]
 local user_id = ARGV[1]
 local delta = int_arg(ARGV[2])
 local event_id = ARGV[3]
-local use_idempotency = flag_arg(ARGV[4])
+local request_key = ARGV[4]
+local use_idempotency = request_key ~= ""
 local interval = setting(ARGV[5], 0)
 local burst = setting(ARGV[6], 1)
 local max_delta = setting(ARGV[7], 1)
@@ -110,7 +114,6 @@ end
 if user_id == "" then return redis.error_reply("ERR submit_score: empty user_id") end
 if delta == nil or delta == 0 then return redis.error_reply("ERR submit_score: bad delta") end
 if event_id == "" then return redis.error_reply("ERR submit_score: empty event id") end
-if use_idempotency == nil then return redis.error_reply("ERR submit_score: bad idempotency flag") end
 if interval == nil then return redis.error_reply("ERR submit_score: bad interval") end
 if burst == nil then return redis.error_reply("ERR submit_score: bad burst") end
 if max_delta == nil then return redis.error_reply("ERR submit_score: bad max") end
@@ -187,8 +190,12 @@ rcall("ZADD", leaderboard_key, "XX", int(-total), user_id)
 local position = rcall("ZRANK", leaderboard_key, user_id)
 if use_idempotency then
   rcall("SET", idempotency_key, int(delta) .. ":" .. int(total), "EX", int(idempotency_ttl))
+  -- the key and the total go to Postgres's ledger: a rebuild restores the record from them
+  rcall("XADD", events_key, "*", "e", event_id, "u", user_id, "d", int(delta),
+    "k", request_key, "t", int(total))
+else
+  rcall("XADD", events_key, "*", "e", event_id, "u", user_id, "d", int(delta))
 end
-rcall("XADD", events_key, "*", "e", event_id, "u", user_id, "d", int(delta))
 local flush = 0
 if rcall("SET", flush_key, "1", "NX", "EX", int(flush_ttl)) then flush = 1 end
 

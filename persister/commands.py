@@ -25,7 +25,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     print(
         f"rebuilt Redis from Postgres: {done.users} users, {done.unpersisted} increments not yet "
         f"persisted included, {done.replayed} accepted during the rebuild replayed, "
-        f"in {done.seconds:.1f}s"
+        f"{done.records} Idempotency-Key records restored, in {done.seconds:.1f}s"
     )
     return 0
 

@@ -185,9 +185,7 @@ class Persister:
                 stream.keys.index, event.stream_id, failures, MAX_FAILURES, reason,
             )  # fmt: skip
             return 0
-        fields = {b"e": event.event_id.encode(), b"u": event.user_id.encode(),
-                  b"d": str(event.delta).encode()}  # fmt: skip
-        stream.dead_letter((event.stream_id.encode(), fields), reason, event.event_id)
+        stream.dead_letter((event.stream_id.encode(), event.fields()), reason, event.event_id)
         return 1
 
 

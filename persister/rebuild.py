@@ -3,7 +3,10 @@ finds a Redis without its leaderboards (new, or wiped) before it reports ready.
 
 Each partition's leaderboard is built into a key of its own (same hash tag), then swapped in
 atomically by lua/swap_leaderboard-3.lua. Totals are Postgres's scores plus the increments
-Redis accepted that Postgres has not committed yet, so no acknowledged increment is lost.
+Redis accepted that Postgres has not committed yet, so no acknowledged increment is lost. The
+Idempotency-Key records of the last SCORE_IDEMPOTENCY_TTL are restored too
+(persister.idempotency), before the swap: once the users are known again, a retry of a request
+made before a wipe is a replay, never a second increment.
 
 Races, and what answers them:
 - The persister is paused (every flush lock held) while the build reads, so Postgres and the
@@ -20,6 +23,7 @@ Races, and what answers them:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections import defaultdict
@@ -30,6 +34,7 @@ from datetime import datetime
 import psycopg
 import redis
 
+from persister.idempotency import restore_records
 from persister.locks import PersisterBusy, paused
 from persister.unpersisted import Unpersisted, read_unpersisted
 from service.connections import sync_redis
@@ -56,6 +61,8 @@ class Rebuilt:
     """Increments waiting in Redis, added to Postgres's scores."""
     replayed: int
     """Increments accepted during the build, replayed onto the new leaderboards."""
+    records: int
+    """Idempotency-Key records restored (those Redis did not hold)."""
     seconds: float
 
 
@@ -79,7 +86,7 @@ def rebuild(settings: Settings, *, force: bool) -> Rebuilt | None:
             if not force and client.exists(schema.ready_marker):
                 return None
             with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
-                done = _rebuild(client, conn, schema, settings.top_n, lock.reacquire)
+                done = _rebuild(client, conn, settings, lock.reacquire)
             client.set(schema.ready_marker, "1")
             return done
         finally:
@@ -90,9 +97,10 @@ def rebuild(settings: Settings, *, force: bool) -> Rebuilt | None:
 
 
 def _rebuild(
-    client: redis.Redis, conn: Conn, schema: KeySchema, top_n: int, renew: Callable[[], None]
+    client: redis.Redis, conn: Conn, settings: Settings, renew: Callable[[], None]
 ) -> Rebuilt:
     began = time.monotonic()
+    schema = KeySchema(settings.partitions)
     started = _now(conn)
     swap = client.register_script(load("swap_leaderboard").body)
     with paused(client, schema) as pause:
@@ -102,6 +110,10 @@ def _rebuild(
             renew()
 
         waiting = {k.index: read_unpersisted(client, conn, k, keep_alive) for k in schema.all()}
+        keyed = itertools.chain.from_iterable(w.keyed for w in waiting.values())
+        records = restore_records(
+            client, conn, schema, settings.idempotency_ttl_s, keyed, keep_alive
+        )
         for keys in schema.all():
             client.delete(keys.rebuilt_leaderboard)
         users = _fill(client, conn, schema, waiting, keep_alive)
@@ -117,9 +129,9 @@ def _rebuild(
     _add_new_users(client, conn, schema, started)
     scripts = SyncScripts(client)
     for keys in schema.all():
-        scripts.publish_top(keys, top_n)
+        scripts.publish_top(keys, settings.top_n)
     unpersisted = sum(w.count for w in waiting.values())
-    return Rebuilt(users, unpersisted, replayed, round(time.monotonic() - began, 3))
+    return Rebuilt(users, unpersisted, replayed, records, round(time.monotonic() - began, 3))
 
 
 def _now(conn: Conn) -> datetime:

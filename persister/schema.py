@@ -2,7 +2,9 @@
 
 `users.score` is the source of truth for a user's total; `score_events` is the append-only
 ledger that makes applying an event idempotent (its service-made id is the primary key), and
-lets reconcile check that every total is the sum of its events.
+lets reconcile check that every total is the sum of its events. An increment made with an
+Idempotency-Key also records the key and the total it produced: a rebuild of Redis restores
+the idempotency records of the last SCORE_IDEMPOTENCY_TTL from them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ MIGRATIONS: list[str] = [
         recorded_at timestamptz NOT NULL DEFAULT now()
     );
     CREATE INDEX score_events_user_id ON score_events (user_id);
+    """,
+    # 2: the Idempotency-Key of an increment and the total it produced (NULL without a key).
+    # Adding nullable columns rewrites nothing; NOT VALID checks new rows only (the old ones
+    # are all NULL, which passes). The partial index holds only keyed rows, by time: the
+    # rebuild reads the recent ones.
+    """
+    ALTER TABLE score_events
+        ADD COLUMN idempotency_key text,
+        ADD COLUMN total bigint;
+    ALTER TABLE score_events
+        ADD CONSTRAINT score_events_key_and_total
+        CHECK ((idempotency_key IS NULL) = (total IS NULL)) NOT VALID;
+    CREATE INDEX score_events_recent_keys ON score_events (recorded_at)
+        WHERE idempotency_key IS NOT NULL;
     """,
 ]
 

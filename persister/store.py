@@ -1,8 +1,9 @@
 """The Postgres side of the persister: apply a batch of events exactly once.
 
-One statement per batch: insert the events into the ledger (`score_events`, event id unique)
-with ON CONFLICT DO NOTHING, and add to `users.score` only the deltas of the rows actually
-inserted. Applying a batch twice, or batches out of order, changes nothing more.
+One statement per batch: insert the events into the ledger (`score_events`, event id unique;
+with the Idempotency-Key and the resulting total of a keyed increment) with ON CONFLICT DO
+NOTHING, and add to `users.score` only the deltas of the rows actually inserted. Applying a
+batch twice, or batches out of order, changes nothing more.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ REFUSED = (psycopg.IntegrityError, psycopg.DataError)
 
 APPLY = """
 WITH batch AS (
-    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::text[])
-        AS b(event_id, user_id, delta, stream_id)
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::text[], %s::text[],
+                         %s::bigint[])
+        AS b(event_id, user_id, delta, stream_id, idempotency_key, total)
 ), inserted AS (
-    INSERT INTO score_events (event_id, user_id, delta, stream_id)
-    SELECT event_id, user_id, delta, stream_id FROM batch
+    INSERT INTO score_events (event_id, user_id, delta, stream_id, idempotency_key, total)
+    SELECT event_id, user_id, delta, stream_id, idempotency_key, total FROM batch
     ON CONFLICT (event_id) DO NOTHING
     RETURNING user_id, delta
 ), totals AS (
@@ -49,12 +51,16 @@ SELECT (SELECT count(*) FROM inserted)
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
-def _columns(events: Sequence[Event]) -> tuple[list[str], list[str], list[int], list[str]]:
+def _columns(
+    events: Sequence[Event],
+) -> tuple[list[str], list[str], list[int], list[str], list[str | None], list[int | None]]:
     return (
         [e.event_id for e in events],
         [e.user_id for e in events],
         [e.delta for e in events],
         [e.stream_id for e in events],
+        [e.idempotency_key for e in events],
+        [e.total for e in events],
     )
 
 

@@ -40,10 +40,14 @@ class Unpersisted:
     last_id: str = EMPTY
     deltas: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     count: int = 0
+    keyed: list[Event] = field(default_factory=list)
+    """Those made with an Idempotency-Key (a rebuild restores their records)."""
 
     def add(self, events: list[Event]) -> None:
         for event in events:
             self.deltas[event.user_id] += event.delta
+            if event.idempotency_key is not None:
+                self.keyed.append(event)
         self.count += len(events)
 
     def advance(self, client: redis.Redis, to_id: str, keep_alive: KeepAlive) -> None:

@@ -29,7 +29,6 @@ _NAME = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
 
 TOP_STREAM_MAXLEN = 1000
 FLUSH_FLAG_TTL_S = 10
-EVENT_NAMESPACE = uuid.UUID("6f1d3c52-6c1e-4c8a-9a53-5b1b0f3a2c11")
 
 
 class Status(IntEnum):
@@ -75,16 +74,6 @@ def load(name: str) -> LuaSource:
     raise FileNotFoundError(f"no lua/{name}-N.lua")
 
 
-def event_id(user_id: str, idempotency_key: str | None) -> str:
-    """The service-made id of an increment: random, or derived from the Idempotency-Key.
-
-    Derived ids make a retry that races its own first attempt land on the same ledger row.
-    """
-    if idempotency_key is None:
-        return str(uuid.uuid4())
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{len(user_id)}:{user_id}:{idempotency_key}"))
-
-
 @dataclass(frozen=True, slots=True)
 class Submit:
     """A prepared submit_score call: its keys and arguments."""
@@ -104,6 +93,10 @@ def prepare_submit(
 ) -> Submit:
     """Keys and arguments for one increment.
 
+    Its event id is random, with or without an Idempotency-Key: a key may be used again once
+    its record has expired, and that is another increment, another ledger row. A retry that
+    races its first attempt needs no shared id: the one Lua call sees the first's record.
+
     `operator` (the admin API): no rate limit, negative deltas allowed, and no
     SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment.
     """
@@ -113,8 +106,8 @@ def prepare_submit(
     args: list[str | int] = [
         user_id,
         delta,
-        event_id(user_id, idempotency_key),
-        1 if idempotency_key is not None else 0,
+        str(uuid.uuid4()),
+        idempotency_key or "",
         0 if operator else settings.rate_interval_us,
         settings.rate_burst,
         MAX_SCORE if operator else settings.max_increase,

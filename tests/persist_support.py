@@ -10,6 +10,7 @@ from collections.abc import Iterable
 import psycopg
 import redis
 
+from persister.events import stream_key
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.scripts import SubmitResult, SyncScripts, prepare_submit
@@ -59,6 +60,21 @@ def ledger(conn: Conn, user_ids: Iterable[str]) -> dict[str, tuple[str, int]]:
         (list(user_ids),),
     ).fetchall()
     return {str(e): (str(u), int(d)) for e, u, d in rows}  # type: ignore[call-overload]
+
+
+KeyedRow = tuple[str, str | None, int, int | None]
+
+
+def keyed_rows(conn: Conn, user_ids: Iterable[str]) -> list[KeyedRow]:
+    """The ledger's rows for these users, (user, Idempotency-Key, delta, total), in the order
+    Redis accepted them."""
+    rows = conn.execute(
+        "SELECT stream_id, user_id, idempotency_key, delta, total FROM score_events"
+        " WHERE user_id = ANY(%s)",
+        (list(user_ids),),
+    ).fetchall()
+    rows.sort(key=lambda row: stream_key(str(row[0])))
+    return [(str(u), k, int(d), t) for _, u, k, d, t in rows]  # type: ignore[misc, call-overload]
 
 
 def unpersisted(settings: Settings, client: redis.Redis) -> int:

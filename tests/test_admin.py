@@ -8,14 +8,13 @@ import psycopg
 import pytest
 import redis
 from conftest import assert_problem
-from persist_support import ledger, pg_scores, redis_totals
+from persist_support import keyed_rows, pg_scores, redis_totals
 from starlette.testclient import TestClient
 
 from persister.flush import Persister
 from service.app import create_app
 from service.devservers import wait_for
 from service.keys import KeySchema
-from service.scripts import event_id
 from service.settings import Settings
 
 USERS = "/api/v1/admin/users"
@@ -153,9 +152,9 @@ def test_adjustments_apply_one_by_one_with_per_item_results(
     finally:
         persister.close()
     assert pg_scores(pg, ["ann", "ben"]) == {"ann": 30, "ben": 7}
-    assert set(ledger(pg, ["ann", "ben"])) == {
-        event_id("ann", "fix-1"),
-        event_id("ann", "fix-2"),
-        event_id("ben", "fix-1"),
-    }
+    assert sorted(keyed_rows(pg, ["ann", "ben"])) == [  # each with its key and its new total
+        ("ann", "fix-1", 50, 50),
+        ("ann", "fix-2", -20, 30),
+        ("ben", "fix-1", 7, 7),
+    ]
     assert r.xlen(KeySchema(1).all()[0].events) == 0

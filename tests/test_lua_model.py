@@ -2,9 +2,10 @@
 
 The machine provisions users, submits for random users (unknown ones included) with random
 deltas (too large ones included), with or without Idempotency-Keys (reused ones included, with
-another delta too), and makes operator adjustments; after every step the script's replies,
-the leaderboard, the top stream, the events stream, the flush flag and the rate limit must be
-what the model says.
+another delta too, and again after their record expired), and makes operator adjustments;
+after every step the script's replies, the leaderboard, the top stream, the events stream
+(with the key and the new total of a keyed increment), the flush flag and the rate limit must
+be what the model says.
 
 Time: the rate limit is one request per hour (lua_harness.HOUR_US) with a burst of BURST, so
 no allowance is refilled while an example runs: a user's first BURST spending calls pass, the
@@ -116,9 +117,11 @@ class Model:
             return Expected(Status.OUT_OF_RANGE, remaining=remaining)
         remaining = self._spend(user, operator, remaining)
         self.scores[user] = total
+        event = {"e": event_id, "u": user, "d": str(delta)}
         if key is not None:
             self.records[(user, key)] = (delta, total)
-        self.events.append({"e": event_id, "u": user, "d": str(delta)})
+            event.update(k=key, t=str(total))
+        self.events.append(event)
         return Expected(Status.OK, total, self.rank(user), remaining)
 
     def _spend(self, user: str, operator: bool, remaining: int) -> int:
@@ -176,6 +179,16 @@ class LeaderboardMachine(RuleBasedStateMachine):
         """Send an accepted request again, Idempotency-Key and delta unchanged."""
         user, key = data.draw(st.sampled_from(sorted(self.model.records)))
         delta = self.model.records[(user, key)][0]
+        self._call(user, delta, key, operator=delta < 0)
+
+    @precondition(lambda self: bool(self.model.records))
+    @rule(data=st.data())
+    def record_expires_then_the_key_is_used_again(self, data: st.DataObject) -> None:
+        """An Idempotency-Key record reaches its TTL (deleted: what the expiry does); the same
+        request sent again is a new increment."""
+        user, key = data.draw(st.sampled_from(sorted(self.model.records)))
+        delta = self.model.records.pop((user, key))[0]
+        assert self.h.client.delete(self.h.prepare(user, delta, key).keys[2]) == 1
         self._call(user, delta, key, operator=delta < 0)
 
     @precondition(lambda self: self.model.flush_flag)

@@ -19,7 +19,7 @@ import pytest
 import redis
 from lua_harness import BACKENDS, HOUR_US, Harness, async_twin, open_backend
 
-from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, Submit, event_id, load
+from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, Submit, load
 from service.settings import MAX_SCORE
 
 
@@ -72,10 +72,11 @@ def test_each_accepted_increment_appends_one_event_with_its_id(h: Harness) -> No
     events = h.events()
     assert [fields for _, fields in events] == [
         {"e": str(plain.args[2]), "u": a, "d": "5"},
-        {"e": event_id(b, "order-1"), "u": b, "d": "7"},
+        {"e": str(keyed.args[2]), "u": b, "d": "7", "k": "order-1", "t": "7"},  # key, new total
         {"e": str(adjustment.args[2]), "u": a, "d": "-1"},
     ]
     assert len({fields["e"] for _, fields in events}) == 3  # unique per accepted increment
+    assert h.prepare(b, 7, "order-1").args[2] != keyed.args[2]  # random, even with a key
     assert h.submit("ghost", 1).status is Status.UNKNOWN_USER
     assert h.submit(b, 7, "order-1").status is Status.REPLAY
     assert len(h.events()) == 3  # refusals and replays record no increment
@@ -100,6 +101,22 @@ def test_replay_returns_the_first_total_and_adds_nothing(h: Harness) -> None:
     assert replay.rank == 2  # the rank now: b has passed a since
     assert (replay.flush, replay.top_version) == (False, "")
     assert (h.board(), h.events(), h.top_entries()) == (board, events, tops)
+
+
+def test_a_key_used_again_after_its_record_expired_is_another_increment(h: Harness) -> None:
+    a, b = ids("a", "b")
+    h.provision(a, b)
+    assert h.submit(a, 7, "k1").total == 7
+    assert h.submit(b, 7, "k1").total == 7  # keys are per user
+    h.client.delete(h.prepare(a, 7, "k1").keys[2])  # what its expiry does, a day later
+
+    again = h.submit(a, 7, "k1")
+    assert (again.status, again.total) == (Status.OK, 14)
+    assert h.submit(a, 7, "k1").status is Status.REPLAY  # remembered again, from now on
+    first, _, second = (fields for _, fields in h.events())
+    assert (first["k"], first["t"], second["k"], second["t"]) == ("k1", "7", "k1", "14")
+    assert first["e"] != second["e"]  # two increments: two ledger rows in Postgres
+    assert h.board() == [(a, 14), (b, 7)]
 
 
 def test_idempotency_key_reused_with_another_delta_writes_nothing(h: Harness) -> None:
@@ -373,7 +390,6 @@ BAD_ARGS = [
     (1, "nan"),
     (1, ""),
     (2, ""),  # event id
-    (3, "yes"),  # idempotency flag
     (4, "-1"),  # interval
     (4, str(2**53)),
     (5, "0"),  # burst

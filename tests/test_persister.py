@@ -10,13 +10,14 @@ import psycopg
 import pytest
 import redis
 from conftest import Servers, make_env
-from persist_support import ledger, pg_scores, redis_totals, submit
+from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit
 from rq import Queue
 from starlette.testclient import TestClient
 
-from persister.events import Event, parse_all
+from persister.events import Event, Malformed, parse, parse_all
 from persister.flush import MAX_FAILURES, Persister
 from persister.jobs import QUEUE, FlushRequester
+from persister.reconcile import reconcile, render
 from persister.store import Store
 from service.devservers import free_port, wait_for
 from service.keys import KeySchema
@@ -48,6 +49,24 @@ def test_drain_persists_every_accepted_increment_once_and_trims(
     assert r.xlen(events) == 0  # trimmed: Postgres has every entry
     (lag,) = read_lags_sync(r, KeySchema(1).all())
     assert (lag.unpersisted, lag.persisted, lag.dead_letters) == (0, 200, 0)
+
+
+def test_a_keyed_entry_carries_its_key_and_total_and_a_broken_one_is_malformed() -> None:
+    e = str(uuid.uuid4())
+    plain = parse((b"1-0", {b"e": e.encode(), b"u": b"ann", b"d": b"5"}))
+    assert (plain.idempotency_key, plain.total) == (None, None)
+    keyed = parse((b"1-1", {b"e": e.encode(), b"u": b"ann", b"d": b"5", b"k": b"o-1", b"t": b"9"}))
+    assert (keyed.idempotency_key, keyed.total) == ("o-1", 9)
+    assert keyed.fields() == {b"e": e.encode(), b"u": b"ann", b"d": b"5", b"k": b"o-1", b"t": b"9"}
+    for extra in (
+        {b"k": b"o-1"},  # no total
+        {b"t": b"9"},  # a total without a key
+        {b"k": b"", b"t": b"9"},
+        {b"k": b"o-1", b"t": b"-1"},
+        {b"k": b"o-1", b"t": b"x"},
+    ):
+        with pytest.raises(Malformed):
+            parse((b"1-2", {b"e": e.encode(), b"u": b"ann", b"d": b"5", **extra}))
 
 
 def test_the_same_batch_applied_twice_changes_nothing(
@@ -145,7 +164,8 @@ def test_events_postgres_refuses_are_dead_lettered_without_blocking_the_others(
     users = add_users(count=2)
     keys = KeySchema(1).all()[0]
     submit(settings, r, users[0], 7)
-    r.xadd(keys.events, {"e": str(uuid.uuid4()), "u": "nobody", "d": "5"})  # unknown to Postgres
+    unknown = {"e": str(uuid.uuid4()), "u": "nobody", "d": "5", "k": "order-9", "t": "5"}
+    r.xadd(keys.events, unknown)  # a user Postgres does not know
     r.xadd(keys.events, {"e": "not-a-uuid", "u": users[1], "d": "1"})  # malformed
     submit(settings, r, users[1], 9)
 
@@ -163,6 +183,7 @@ def test_events_postgres_refuses_are_dead_lettered_without_blocking_the_others(
     dead = {fields[b"u"]: fields for _, fields in r.xrange(keys.dead_letters)}
     assert set(dead) == {b"nobody", users[1].encode()}
     assert b"ForeignKeyViolation" in dead[b"nobody"][b"reason"]
+    assert (dead[b"nobody"][b"k"], dead[b"nobody"][b"t"]) == (b"order-9", b"5")  # kept whole
     assert dead[users[1].encode()][b"reason"].startswith(b"malformed")
     assert read_lags_sync(r, [keys])[0].dead_letters == 2
     assert r.xlen(keys.events) == 0 and not r.exists(keys.persist_failures)
@@ -256,3 +277,40 @@ def test_consumers_of_dead_workers_are_forgotten_once_idle_and_empty(
 
     names = {c["name"].decode() for c in r.xinfo_consumers(events, PERSISTER_GROUP)}
     assert names == {"dead-holding", persister.consumer}
+
+
+@pytest.mark.parametrize("drained_between", [True, False])
+def test_a_key_used_again_after_its_record_expired_counts_in_postgres_too(
+    settings: Settings,
+    r: redis.Redis,
+    pg: psycopg.Connection,
+    add_users,
+    token,
+    client: TestClient,
+    persister: Persister,
+    drained_between: bool,
+) -> None:
+    """An Idempotency-Key is remembered for SCORE_IDEMPOTENCY_TTL: a request made with it after
+    that is a new increment, in Postgres as in Redis (whether or not the first was persisted)."""
+    (alice,) = add_users(count=1)
+    headers = {"Authorization": f"Bearer {token(alice)}", "Idempotency-Key": "order-1"}
+    body = {"user_id": alice, "score_increase": 5}
+    assert client.post("/api/v1/score", json=body, headers=headers).json()["new_score"] == 5
+    if drained_between:
+        persister.drain(0)
+    record = KeySchema(1).for_user(alice).idempotency(alice, "order-1")
+    # SCORE_IDEMPOTENCY_TTL is 60 s at least: rather than wait, let Redis expire it now
+    assert r.pexpire(record, 1)
+    wait_for(lambda: not r.exists(record), 5, "the record to expire")
+
+    again = client.post("/api/v1/score", json=body, headers=headers)
+    assert again.status_code == 200 and again.json()["new_score"] == 10
+    assert "idempotent-replayed" not in again.headers
+    replay = client.post("/api/v1/score", json=body, headers=headers)  # remembered again
+    assert replay.json()["new_score"] == 10 and replay.headers["idempotent-replayed"] == "true"
+    persister.drain(0)
+
+    assert pg_scores(pg, [alice]) == redis_totals(settings, r, [alice]) == {alice: 10}
+    assert keyed_rows(pg, [alice]) == [(alice, "order-1", 5, 5), (alice, "order-1", 5, 10)]
+    report = reconcile(settings, repair=False)
+    assert report.clean, render(report)

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 import redis
 from conftest import Servers
-from persist_support import cli, pg_scores, redis_totals, submit
+from persist_support import cli, keyed_rows, pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
 
 from persister.events import parse_all
@@ -22,7 +22,7 @@ from service.app import create_app
 from service.devservers import wait_for
 from service.keys import KeySchema
 from service.persister_lag import PERSISTER_GROUP
-from service.scripts import load
+from service.scripts import Status, load
 from service.settings import Settings
 
 
@@ -114,6 +114,98 @@ def test_increments_accepted_during_a_rebuild_are_replayed_by_the_swap(
     assert replayed == 2
     assert leaderboard(r) == {users[0].encode(): -8.0, users[1].encode(): -4.0}
     assert not r.exists(keys.rebuilt_leaderboard)
+
+
+def test_after_a_wipe_a_retry_of_a_request_made_before_it_is_a_replay(
+    settings: Settings,
+    r: redis.Redis,
+    pg: psycopg.Connection,
+    add_users,
+    token,
+    client: TestClient,
+    persister: Persister,
+) -> None:
+    (alice,) = add_users(count=1)
+    auth = {"Authorization": f"Bearer {token(alice)}"}
+    keyed = {**auth, "Idempotency-Key": "order-1"}
+    body = {"user_id": alice, "score_increase": 5}
+    assert client.post("/api/v1/score", json=body, headers=keyed).json()["new_score"] == 5
+    plain = {"user_id": alice, "score_increase": 3}
+    assert client.post("/api/v1/score", json=plain, headers=auth).json()["new_score"] == 8
+    persister.drain(0)
+    r.flushall()
+    record = KeySchema(1).for_user(alice).idempotency(alice, "order-1")
+    lost = client.post("/api/v1/score", json=body, headers=keyed)
+    assert lost.status_code == 404 and not r.exists(record)  # unknown until the rebuild
+
+    done = rebuild(settings, force=False)
+
+    assert done is not None and done.records == 1
+    assert r.get(record) == b"5:5"  # exactly what the hot path wrote
+    assert 0 < r.pttl(record) <= settings.idempotency_ttl_s * 1000
+    retry = client.post("/api/v1/score", json=body, headers=keyed)
+    assert retry.status_code == 200 and retry.json()["new_score"] == 5  # the first result
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert redis_totals(settings, r, [alice]) == {alice: 8}  # nothing added
+    assert r.xlen(KeySchema(1).all()[0].events) == 0
+    persister.drain(0)
+    assert pg_scores(pg, [alice]) == {alice: 8}
+    assert keyed_rows(pg, [alice]) == [(alice, "order-1", 5, 5), (alice, None, 3, None)]
+    report = reconcile(settings, repair=False)
+    assert report.clean, render(report)
+
+
+def test_a_rebuild_restores_the_records_still_in_time_and_overwrites_none(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    (alice,) = add_users(count=1)
+    for i, key in enumerate(["old", "edge", "live", "held"]):
+        assert submit(settings, r, alice, i + 1, key).status is Status.OK
+    persister.drain(0)
+    submit(settings, r, alice, 10, "waiting")  # not persisted yet: it is in the stream only
+    seconds, micros = r.time()
+    now_ms, ttl_ms = seconds * 1000 + micros // 1000, settings.idempotency_ttl_s * 1000
+    # accepted longer ago than the TTL (recorded then too), and 30 s before the TTL ends
+    pg.execute(
+        "UPDATE score_events SET stream_id = %s, recorded_at = now() - interval '2 days'"
+        " WHERE idempotency_key = 'old'",
+        (f"{now_ms - 2 * ttl_ms}-0",),
+    )
+    pg.execute(
+        "UPDATE score_events SET stream_id = %s WHERE idempotency_key = 'edge'",
+        (f"{now_ms - ttl_ms + 30_000}-0",),
+    )
+    keys = KeySchema(1).for_user(alice)
+    record = {k: keys.idempotency(alice, k) for k in ["old", "edge", "live", "held", "waiting"]}
+    r.delete(record["old"], record["edge"], record["live"], record["waiting"])
+    r.set(record["held"], "4:999", ex=60)  # Redis holds one: a rebuild must not replace it
+
+    done = rebuild(settings, force=True)
+
+    assert done is not None and done.records == 3
+    assert [r.get(record[k]) for k in ["old", "edge", "live", "held", "waiting"]] == [
+        None, b"2:3", b"3:6", b"4:999", b"10:20"
+    ]  # fmt: skip
+    assert 0 < r.pttl(record["edge"]) <= 30_000  # the time it had left, not a new TTL
+    assert ttl_ms - 60_000 < r.pttl(record["live"]) <= ttl_ms
+    assert ttl_ms - 60_000 < r.pttl(record["waiting"]) <= ttl_ms
+    assert 0 < r.pttl(record["held"]) <= 60_000
+
+
+def test_a_key_used_twice_is_restored_with_its_newest_record(
+    settings: Settings, r: redis.Redis, add_users, persister: Persister
+) -> None:
+    (alice,) = add_users(count=1)
+    record = KeySchema(1).for_user(alice).idempotency(alice, "order-1")
+    assert submit(settings, r, alice, 5, "order-1").total == 5
+    r.delete(record)  # expired early (e.g. a shorter SCORE_IDEMPOTENCY_TTL then): used again
+    assert submit(settings, r, alice, 5, "order-1").total == 10
+    persister.drain(0)
+    r.flushall()
+
+    rebuild_if_missing(settings)
+
+    assert r.get(record) == b"5:10"  # the newest: the record Redis held before the wipe
 
 
 def test_readyz_answers_503_until_the_rebuild_is_done(
