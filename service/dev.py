@@ -91,6 +91,10 @@ def _demo_traffic(base: str, tokens: dict[str, str], stop: threading.Event) -> N
                 )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_dev(data: Path, *, port: int, demo: bool) -> int:
     data = data.resolve()
     data.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,7 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
         env["SCORE_JWT_SECRET"] = _dev_secret(data)
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
     with _servers(data, env):
         try:
             print(_cli(env, "migrate"), flush=True)
@@ -109,8 +113,10 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             http_port = _port(port)
             base = f"http://127.0.0.1:{http_port}"
             cli = [sys.executable, "-m", "service.cli"]
-            children.append(subprocess.Popen([*cli, "serve", "--port", str(http_port)], env=env))
-            children.append(subprocess.Popen([*cli, "worker"], env=env))
+            # Sessions of their own: Ctrl-C reaches only us, and we stop them in order
+            # (web and worker first, then the servers they use).
+            for command in (["serve", "--port", str(http_port)], ["worker"]):
+                children.append(subprocess.Popen([*cli, *command], env=env, start_new_session=True))
             import httpx
 
             wait_for(
@@ -142,6 +148,9 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             print("\nstopping...", flush=True)
             return 0
         finally:
+            # a second Ctrl-C must not cut the orderly shutdown short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             stop.set()
             for child in children:
                 if child.poll() is None:

@@ -146,7 +146,11 @@ class RedisServer:
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
             *self.extra,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # a session of its own: a terminal's Ctrl-C reaches whoever started us, who stops the
+        # server last, after the processes that use it
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
             wait_for(lambda: self._alive() and self._ours(client), 20, f"redis on {self.port}")
@@ -227,7 +231,8 @@ class PostgresServer:
             [str(bindir / "postgres"), "-D", str(data), "-p", str(self.port),
              "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.directory}",
              "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200"],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory, **self._as_user(),
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory,
+            start_new_session=True, **self._as_user(),
         )  # fmt: skip
         admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 

@@ -158,3 +158,21 @@ def test_adjustments_apply_one_by_one_with_per_item_results(
         ("ben", "fix-1", 7, 7),
     ]
     assert r.xlen(KeySchema(1).all()[0].events) == 0
+
+
+def test_an_operator_adjustment_is_not_capped_by_the_players_maximum(
+    admin_client: TestClient, admin: dict[str, str], settings: Settings, r: redis.Redis
+) -> None:
+    admin_client.post(USERS, json={"user_ids": ["ann"]}, headers=admin)
+    big = settings.max_increase * 3
+    items = [
+        {"user_id": "ann", "delta": big, "idempotency_key": "up"},
+        {"user_id": "ann", "delta": -(big - 1), "idempotency_key": "down"},
+    ]
+    resp = admin_client.post(SCORES, json={"adjustments": items}, headers=admin)
+    assert resp.status_code == 200, resp.text
+    assert [(x["status"], x["new_score"]) for x in resp.json()["results"]] == [
+        ("applied", big),
+        ("applied", 1),
+    ]
+    assert redis_totals(settings, r, ["ann"]) == {"ann": 1}
