@@ -9,8 +9,8 @@ pipeline in order, and an error reply is one call's exception, never the batch's
 
 Failure rules, the same as the plain client's: a call that cannot reach Redis, or whose reply
 has not come `timeout` seconds after it was written (2 x `timeout` while Redis goes on
-answering earlier calls), fails with ConnectionError or TimeoutError (the hot path answers
-503). A call is never sent twice: after a write, a broken
+answering earlier calls; each plus a 20 ms second look), fails with ConnectionError or
+TimeoutError (the hot path answers 503). A call is never sent twice: after a write, a broken
 connection fails the calls waiting on it; calls not yet written wait for the next connection.
 
 The connection is borrowed from the client's own pool, so `Redis.aclose()` closes it with the
@@ -32,6 +32,7 @@ from redis._parsers.base import BaseParser
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+LOOK_AGAIN_S = 0.02
 
 
 class AutoPipeline:
@@ -48,6 +49,8 @@ class AutoPipeline:
         self._flush_scheduled = False
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_reply = 0.0  # loop time of the last data read from Redis
+        self._looked_again = False
+        self._looked_at = 0.0
 
     @classmethod
     def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
@@ -141,6 +144,8 @@ class AutoPipeline:
 
     def _check_deadline(self) -> None:
         self._watchdog = None
+        if self._looked_again and self._last_reply > self._looked_at:
+            self._looked_again = False  # Redis answered meanwhile
         if not self._waiting:
             return
         loop = asyncio.get_running_loop()
@@ -155,8 +160,15 @@ class AutoPipeline:
         if deadline > now:
             self._watchdog = loop.call_at(deadline, self._check_deadline)
             return
+        if not self._looked_again:
+            # A process that was not scheduled for a while runs its timers before it reads
+            # its sockets: read what has arrived before blaming Redis.
+            self._looked_again, self._looked_at = True, now
+            self._watchdog = loop.call_at(now + LOOK_AGAIN_S, self._check_deadline)
+            return
         # Redis is hung or gone. The stream can no longer be trusted to line up replies with
         # calls, so drop the connection.
+        self._looked_again = False
         conn = self._conn
         self._fail_waiting(redis.exceptions.TimeoutError("Timeout reading from Redis"))
         if conn is not None and self._reader is not None:

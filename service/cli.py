@@ -4,6 +4,7 @@ service and the persister: it wires the persister's rebuild and flush into the a
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -24,7 +25,13 @@ def app_from_env() -> object:
     from service.app import create_app
 
     settings = Settings.from_env()
-    return create_app(settings, **persister_hooks(settings))
+    app = create_app(settings, **persister_hooks(settings))
+    # What is imported and built by now lives as long as the worker: move it out of the
+    # garbage collector's reach. Otherwise every full collection walks it again under load,
+    # and those pauses were the write path's p99 (about 40 ms instead of 14 ms at 64
+    # connections, see bench/).
+    gc.freeze()
+    return app
 
 
 def persister_hooks(settings: Settings) -> dict[str, Any]:
