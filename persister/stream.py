@@ -8,12 +8,12 @@ once Postgres has it, or once it has been moved to the dead-letter stream.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis
 
-from persister.events import Event, StreamEntry, next_id
+from persister.events import Batch, Event, RawEntry, StreamEntry, next_id, parse_raw
 from service.keys import PartitionKeys
 from service.persister_lag import PERSISTER_GROUP
 
@@ -33,6 +33,11 @@ class EventStream:
         self.client = client
         self.keys = keys
         self.consumer = consumer
+        # The same connections, for the two reads of a batch without redis-py's reply parsing
+        # (a dict per entry): parse_raw reads the replies as they come.
+        self._raw = redis.Redis(connection_pool=client.connection_pool)
+        for command in ("XAUTOCLAIM", "XREADGROUP"):
+            self._raw.response_callbacks.pop(command, None)
 
     def ensure_group(self) -> None:
         """Create the persister's group, reading from the stream's start (idempotent)."""
@@ -42,28 +47,42 @@ class EventStream:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def read(self, count: int) -> tuple[list[StreamEntry], list[StreamEntry]]:
-        """Up to `count` entries: (reclaimed from a dead consumer or a failed attempt, new)."""
+    def read(self, count: int, skip: Collection[str] = ()) -> Batch:
+        """Up to `count` entries, parsed: reclaimed ones (from a dead consumer, or refused by
+        Postgres a while ago) first, then new ones.
+
+        `skip`: the stream ids of a batch this consumer is committing meanwhile. XAUTOCLAIM
+        takes them too once that has taken longer than CLAIM_IDLE_MS; they are left out, so
+        no batch holds an entry another batch is working on.
+        """
         try:
-            return self._read(count)
+            return self._read(count, skip)
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
         self.ensure_group()  # a new or wiped Redis
-        return self._read(count)
+        return self._read(count, skip)
 
-    def _read(self, count: int) -> tuple[list[StreamEntry], list[StreamEntry]]:
-        reply = self.client.xautoclaim(
-            self.keys.events, PERSISTER_GROUP, self.consumer, CLAIM_IDLE_MS, "0-0", count=count
+    def _read(self, count: int, skip: Collection[str]) -> Batch:
+        batch = Batch()
+        events, group, consumer = self.keys.events, PERSISTER_GROUP, self.consumer
+        reply = self._unparsed(
+            "XAUTOCLAIM", events, group, consumer, CLAIM_IDLE_MS, "0-0", "COUNT", count
         )
-        claimed: list[StreamEntry] = [e for e in reply[1] if e[1] is not None]
-        fresh: list[StreamEntry] = []
+        # an entry deleted while pending comes back as nil (Redis 6.2): nothing to persist
+        claimed = [e for e in reply[1] if e[1] is not None and e[0].decode() not in skip]
+        batch.reclaimed.update(e[0].decode() for e in claimed)
+        parse_raw(claimed, batch)
         if len(claimed) < count:
-            streams: Any = self.client.xreadgroup(
-                PERSISTER_GROUP, self.consumer, {self.keys.events: ">"}, count=count - len(claimed)
-            )
-            fresh = streams[0][1] if streams else []
-        return claimed, fresh
+            reply = self._unparsed(
+                "XREADGROUP", "GROUP", group, consumer, "COUNT", count - len(claimed),
+                "STREAMS", events, ">",
+            )  # fmt: skip
+            parse_raw(_entries(reply), batch)
+        return batch
+
+    def _unparsed(self, *command: str | int) -> Any:
+        return self._raw.execute_command(*command)  # type: ignore[no-untyped-call]
 
     def ack(self, stream_ids: Sequence[str], reclaimed: Sequence[str]) -> None:
         """Acknowledge committed entries, count them, and trim what no one needs any more.
@@ -134,3 +153,12 @@ class EventStream:
             name = consumer["name"].decode()
             if name != self.consumer and not consumer["pending"] and consumer["idle"] >= idle_ms:
                 self.client.xgroup_delconsumer(self.keys.events, PERSISTER_GROUP, name)
+
+
+def _entries(reply: Any) -> list[RawEntry]:
+    """The entries of an unparsed XREADGROUP reply: nil when there are none, else per stream
+    [key, entries] (RESP2) or {key: entries} (RESP3)."""
+    if not reply:
+        return []
+    per_stream = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
+    return [entry for entries in per_stream for entry in entries]

@@ -56,9 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         loop="uvloop",
         http="httptools",
-        # websockets-sansio: write back-pressure (the live leaderboard's send timeout needs a
-        # send that waits when a client does not read), protocol pings with a pong deadline,
-        # and a message size limit. No permessage-deflate: a zlib context per connection
+        # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
+        # transport the live leaderboard can reach to write its pre-framed frames to
+        # (service/subscribers.py). No permessage-deflate: a zlib context per connection
         # costs tens of KB and compresses every frame once per client instead of once.
         ws="websockets-sansio",
         ws_per_message_deflate=False,

@@ -1,7 +1,10 @@
 """The live leaderboard endpoints: `WS /api/v1/leaderboard/ws` and `GET .../stream` (SSE).
 
 Both send the broadcaster's frames: the current snapshot first, then one frame per change,
-at most one per tick. Clients need send nothing. WebSocket close codes:
+at most one per tick. Clients need send nothing. Under uvicorn, WebSocket frames are written
+by the broadcaster straight to each connection's transport, and the connection's task only
+reads; elsewhere (and for SSE) the connection's task sends them (`service.subscribers`).
+WebSocket close codes:
 
   1001 going away        the server is shutting down: reconnect (elsewhere)
   1009 message too big   the client sent more than SCORE_LIVE_MAX_MESSAGE_BYTES
@@ -140,6 +143,7 @@ class _Endpoint:
 
     @staticmethod
     def counted(ending: Ending) -> Ending:
+        """`ending`, counted in the metrics if the server ended the connection."""
         if ending is not CLIENT_LEFT:
             CLOSED.labels(ending.label).inc()
         return ending
@@ -187,8 +191,9 @@ class LiveSocket(_Endpoint):
             self.live.release(sub)
 
     def stuck_limit_s(self) -> float:
-        # Longer than any wait the server itself allows a client (a send: the send timeout; a
-        # pong: the ping interval, twice over), so the kernel never ends a connection first.
+        # Twice what the server itself waits on a client (a send: the send timeout; a pong:
+        # the ping interval, which is also the pong deadline): by then the server has given
+        # up on it anyway, and the kernel only clears away what the server's close could not.
         settings = self.live.settings
         return 2 * max(settings.live_send_timeout_s, settings.live_ping_interval_s)
 

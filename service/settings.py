@@ -70,7 +70,7 @@ class Settings:
     live_allowed_origins: tuple[str, ...] = ()
     live_max_message_bytes: int = 1024
     # Persister
-    persist_batch: int = 5_000
+    persist_batch: int = 20_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -126,7 +126,7 @@ class Settings:
             live_allowed_origins=tuple(o.strip() for o in origins.split(",") if o.strip())
             if origins
             else (),
-            persist_batch=_int(e, "SCORE_PERSIST_BATCH", 5_000, 1, 1_000_000),
+            persist_batch=_int(e, "SCORE_PERSIST_BATCH", 20_000, 1, 1_000_000),
         )
 
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast
 
 from service.frames import Frame, Version
 
@@ -95,7 +95,6 @@ class Pumped(Subscriber):
         return frame
 
 
-@runtime_checkable
 class Wire(Protocol):
     """What `Direct` uses of a connection's transport (asyncio's and uvloop's have it all)."""
 
@@ -103,6 +102,9 @@ class Wire(Protocol):
     def get_write_buffer_size(self) -> int: ...
     def is_closing(self) -> bool: ...
     def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+WIRE_METHODS = ("write", "get_write_buffer_size", "is_closing", "get_extra_info")
 
 
 def wire_of(receive: Callable[[], Awaitable[object]]) -> Wire | None:
@@ -114,7 +116,9 @@ def wire_of(receive: Callable[[], Awaitable[object]]) -> Wire | None:
     ASGI `send` instead: one task and one send per client and frame, slower, as correct.
     """
     wire = getattr(getattr(receive, "__self__", None), "transport", None)
-    return wire if isinstance(wire, Wire) else None
+    if wire is None or not all(callable(getattr(wire, name, None)) for name in WIRE_METHODS):
+        return None
+    return cast(Wire, wire)
 
 
 def limit_stuck_time(wire: Wire, seconds: float) -> None:

@@ -142,9 +142,9 @@ def worker_pids(parent: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
-def process_serving(client_port: int, server_port: int, pids: list[int]) -> int | None:
-    """Which of `pids` holds the server side of the TCP connection from `client_port`."""
-    inode = None
+def server_socket(server_port: int, client_port: int) -> str | None:
+    """The inode of the server side of the TCP connection from `client_port` ("0" once no
+    process holds it); None if the kernel has no such connection any more."""
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
@@ -153,7 +153,13 @@ def process_serving(client_port: int, server_port: int, pids: list[int]) -> int 
                 server_port,
                 client_port,
             ):
-                inode = fields[9]
+                return fields[9]
+    return None
+
+
+def process_serving(client_port: int, server_port: int, pids: list[int]) -> int | None:
+    """Which of `pids` holds the server side of the TCP connection from `client_port`."""
+    inode = server_socket(server_port, client_port)
     if inode is None:
         return None
     for pid in pids:

@@ -11,11 +11,13 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
+import redis
 import websockets
 from conftest import Servers, make_env
 from live_support import (
@@ -27,6 +29,7 @@ from live_support import (
     recv_frame,
     running,
     score_of,
+    server_socket,
 )
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
@@ -134,29 +137,49 @@ def slow_socket(base: str) -> socket.socket:
     return sock
 
 
-async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
-    servers: Servers, r, tmp_path: Path, token
-) -> None:
-    # Big frames (500 rows with long ids), a short tick and a short send timeout: the slow
-    # client's buffers fill in a moment.
-    env = make_env(
-        servers, SCORE_TOP_N="500", SCORE_LIVE_TICK_MS="20", SCORE_LIVE_SEND_TIMEOUT_MS="1500"
-    )
+def big_top(servers: Servers, r: redis.Redis, env: dict[str, str]) -> list[str]:
+    """SCORE_TOP_N players with long ids, provisioned: frames of some 70 KB, which fill a
+    client's buffers in a moment."""
     settings = Settings.from_env(env)
-    users = [f"slow-{i:03d}-" + "x" * 110 for i in range(500)]
+    users = [f"slow-{i:03d}-" + "x" * 110 for i in range(settings.top_n)]
     with psycopg.connect(servers.postgres.url) as conn:
         provision_sync(conn, r, KeySchema(1), settings.top_n, users)
+    return users
+
+
+@contextlib.contextmanager
+def churning(r: redis.Redis, env: dict[str, str], users: list[str]) -> Iterator[None]:
+    """Changes of the top-N one after another, as fast as Redis goes (in a thread)."""
+    top_n = Settings.from_env(env).top_n
     keys = KeySchema(1).all()[0]
     scripts = SyncScripts(r)
     stop = threading.Event()
 
-    def churn() -> None:  # a change of the top-N after another, as fast as Redis goes
+    def churn() -> None:
         i = 0
         while not stop.is_set():
             r.zincrby(keys.leaderboard, -1, users[i % len(users)])
-            scripts.publish_top(keys, settings.top_n)
+            scripts.publish_top(keys, top_n)
             i += 1
 
+    churner = threading.Thread(target=churn)
+    churner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        churner.join()
+
+
+async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
+    servers: Servers, r, tmp_path: Path, token
+) -> None:
+    # Big frames, a short tick and a short send timeout: the slow client falls behind at once.
+    env = make_env(
+        servers, SCORE_TOP_N="500", SCORE_LIVE_TICK_MS="20", SCORE_LIVE_SEND_TIMEOUT_MS="1500"
+    )
+    users = big_top(servers, r, env)
+    keys = KeySchema(1).all()[0]
     with running(env, tmp_path / "serve.log") as svc:
         received: list[str] = []  # the fast client's frames
         arrived = asyncio.Event()
@@ -173,19 +196,14 @@ async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
         ):
             await recv_frame(fast)
             reader = asyncio.create_task(read_fast(fast))
-            churner = threading.Thread(target=churn)
-            churner.start()
-            try:
+            with churning(r, env, users):
                 async with asyncio.timeout(60):
                     while await asyncio.to_thread(slow_closes, svc.base) < 1:  # noqa: ASYNC110
                         await asyncio.sleep(0.02)  # polling the server's count, with a deadline
-            finally:
-                stop.set()
-                await asyncio.to_thread(churner.join)
             # the slow client, reading again, finds the documented close after its backlog
             assert "too slow" in await assert_closed_with(slow, 4001)
             # the fast one was never held back, and still follows: it gets the next change
-            version = scripts.publish_top(keys, settings.top_n)
+            version = SyncScripts(r).publish_top(keys, len(users))
             async with asyncio.timeout(WAIT_S):
                 while True:
                     arrived.clear()
@@ -194,6 +212,34 @@ async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
                     await arrived.wait()
             assert not reader.done()
             reader.cancel()
+
+
+def test_a_client_that_never_reads_does_not_keep_its_connection(
+    servers: Servers, r, tmp_path: Path
+) -> None:
+    # The server gives up on a client that stops reading (4001, or no pong in time), but a
+    # socket's close waits for its unsent bytes, and TCP keeps probing a peer that is alive
+    # yet never reads: the connection must still go (here within 2 x 1 s of data waiting).
+    env = make_env(
+        servers,
+        SCORE_TOP_N="500",
+        SCORE_LIVE_TICK_MS="20",
+        SCORE_LIVE_SEND_TIMEOUT_MS="500",
+        SCORE_LIVE_PING_INTERVAL_MS="1000",
+    )
+    users = big_top(servers, r, env)
+    with running(env, tmp_path / "serve.log") as svc, churning(r, env, users):
+        host, port = svc.base.removeprefix("http://").split(":")
+        with slow_socket(svc.base) as sock:
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                f"GET /api/v1/leaderboard/ws HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )  # and never read anything
+            ends = (int(port), sock.getsockname()[1])
+            wait_for(lambda: server_socket(*ends) not in (None, "0"), WAIT_S, "the connection")
+            wait_for(lambda: server_socket(*ends) is None, WAIT_S, "the connection to go")
 
 
 def slow_closes(base: str) -> float:
