@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from service.cli import settings_for_database
+from service.settings import Settings
 
 # The commands' modules are imported when a command runs: `score-service token` need not load
 # RQ and psycopg.
@@ -14,13 +14,13 @@ from service.cli import settings_for_database
 def cmd_worker(args: argparse.Namespace) -> int:
     from persister.worker import run
 
-    return run(settings_for_database())
+    return run(Settings.for_stores())
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     from persister.rebuild import rebuild
 
-    done = rebuild(settings_for_database(), force=True)
+    done = rebuild(Settings.for_stores(), force=True)
     assert done is not None  # forced: it always runs
     print(
         f"rebuilt Redis from Postgres: {done.users} users, {done.unpersisted} increments not yet "
@@ -33,7 +33,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from persister.reconcile import reconcile, render
 
-    report = reconcile(settings_for_database(), repair=args.repair)
+    report = reconcile(Settings.for_stores(), repair=args.repair)
     print(render(report))
     return 0 if report.clean else 1
 

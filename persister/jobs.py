@@ -19,7 +19,6 @@ import redis
 from rq import Queue
 
 from persister.flush import FLUSH_BUDGET_S, Drained, Persister
-from service.cli import settings_for_database
 from service.connections import sync_redis
 from service.keys import PartitionKeys
 from service.persister_lag import read_lags_sync
@@ -59,7 +58,7 @@ _report = _Every(REPORT_EVERY_S)
 @functools.cache
 def persister() -> Persister:
     """This process's Persister, configured from the environment."""
-    return Persister(settings_for_database())
+    return Persister(Settings.for_stores())
 
 
 def flush(partition: int) -> None:

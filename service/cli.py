@@ -78,21 +78,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     from persister.schema import migrate
 
-    settings = settings_for_database()
+    settings = Settings.for_stores()
     with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
         applied = migrate(conn)
     print(f"migrated: applied {applied}" if applied else "schema is up to date")
     return 0
-
-
-def settings_for_database() -> Settings:
-    """Settings for commands that need only the stores (no key source required)."""
-    env = dict(os.environ)
-    if not any(
-        env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")
-    ):
-        env["SCORE_JWT_JWKS_URL"] = "https://unused.invalid/"  # no token is verified here
-    return Settings.from_env(env)
 
 
 def read_user_ids(values: Sequence[str]) -> list[str]:
@@ -128,7 +118,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 
     values = read_id_file(args.file) if args.action == "import" else args.ids
     ids = list(dict.fromkeys(read_user_ids(values)))  # de-duplicated, order kept
-    settings = settings_for_database()
+    settings = Settings.for_stores()
     client = sync_redis(settings)
     check_redis_sync(client)
     created = 0

@@ -73,6 +73,11 @@ class Settings:
     persist_batch: int = 20_000
 
     @classmethod
+    def for_stores(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings for commands that talk to Redis and Postgres but verify no token."""
+        return cls.from_env(_stores_only(os.environ if env is None else env))
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from `env` (default: os.environ); raise ConfigError when invalid."""
         e = os.environ if env is None else env
@@ -128,6 +133,15 @@ class Settings:
             else (),
             persist_batch=_int(e, "SCORE_PERSIST_BATCH", 20_000, 1, 1_000_000),
         )
+
+
+def _stores_only(env: Mapping[str, str]) -> dict[str, str]:
+    """`env`, with a placeholder key source when none is set: for commands that verify no
+    token (migrate, users, worker, rebuild, reconcile)."""
+    keys = ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")
+    if any(env.get(k) for k in keys):
+        return dict(env)
+    return {**env, "SCORE_JWT_JWKS_URL": "https://unused.invalid/"}
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:
