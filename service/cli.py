@@ -4,10 +4,12 @@ service and the persister: it wires the persister's rebuild and flush into the a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,28 +50,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()  # fail fast, in the parent, with one clear line
     refuse_evicting_redis(settings)
-    uvicorn.run(
-        "service.cli:app_from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
-        # transport the live leaderboard can reach to write its pre-framed frames to
-        # (service/subscribers.py). No permessage-deflate: a zlib context per connection
-        # costs tens of KB and compresses every frame once per client instead of once.
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        ws_ping_interval=settings.live_ping_interval_s,
-        ws_ping_timeout=settings.live_ping_interval_s,
-        ws_max_size=settings.live_max_message_bytes,
-        lifespan="on",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-        log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
-    )
+    with contextlib.ExitStack() as cleanup:
+        if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # workers share their metrics through files: any worker's /metrics has them all
+            metrics_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="score-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        uvicorn.run(
+            "service.cli:app_from_env",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
+            # transport the live leaderboard can reach to write its pre-framed frames to
+            # (service/subscribers.py). No permessage-deflate: a zlib context per connection
+            # costs tens of KB and compresses every frame once per client instead of once.
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            ws_ping_interval=settings.live_ping_interval_s,
+            ws_ping_timeout=settings.live_ping_interval_s,
+            ws_max_size=settings.live_max_message_bytes,
+            lifespan="on",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
+        )
     return 0
 
 

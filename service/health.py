@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import msgspec
 import redis.exceptions
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -71,7 +73,20 @@ async def readyz(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
+def _registry() -> CollectorRegistry | None:
+    """With `serve --workers N`, every worker writes its metrics under
+    PROMETHEUS_MULTIPROC_DIR and a scrape of any one of them reports all of them."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None  # one process: the default registry has everything
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(persister_lag.COLLECTOR)  # read from Redis: the same in every process
+    return registry
+
+
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition of this process's metrics, and the persister's lag (from Redis)."""
+    """Prometheus exposition of the service's metrics, and the persister's lag (from Redis)."""
     await persister_lag.refresh(request.app.state.ctx)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    registry = _registry()
+    body = generate_latest() if registry is None else generate_latest(registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -12,6 +12,7 @@ import re
 from typing import TypeVar
 
 import msgspec
+from prometheus_client import Counter
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -22,6 +23,11 @@ from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_deco
 from service.redis_errors import redis_unavailable
 from service.scripts import Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
+
+RESPONSES = Counter(
+    "score_update_responses", "POST /api/v1/score responses by status code", ["status"]
+)
+ACCEPTED = RESPONSES.labels("200")  # bound once: the hot path's label lookup is free
 
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -87,6 +93,16 @@ def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
 
 async def post_score(request: Request) -> Response:
     """Add `score_increase` to the caller's own score; the checks run in the contract's order."""
+    try:
+        response = await _post_score(request)
+    except ApiError as exc:
+        RESPONSES.labels(str(exc.status)).inc()
+        raise
+    ACCEPTED.inc()
+    return response
+
+
+async def _post_score(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     body = await read_body(request)
     try:
