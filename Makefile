@@ -25,6 +25,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint  ## lint, types, and the whole suite against throwaway servers
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  command -v google-chrome >/dev/null || $(BIN)/playwright install chromium
 	$(BIN)/pytest -q
 
 $(VENV)/.bench-installed: $(STAMP)  # the bench extra: matplotlib, py-spy, pyinstrument

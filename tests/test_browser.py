@@ -4,6 +4,7 @@ the snapshot, follows the stream, shows a posted score's new rank, and reconnect
 from __future__ import annotations
 
 from collections.abc import Iterator
+from shutil import which
 
 import httpx
 import pytest
@@ -11,7 +12,12 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"  # `.ci/run` installs it; Playwright's own download is not used
+# The system's Chromium (`.ci/run` installs Debian's), else the one `make test` had
+# Playwright download (`playwright install chromium`) on a machine without one.
+CHROMIUM = next(
+    (path for name in ("chromium", "chromium-browser", "google-chrome") if (path := which(name))),
+    None,
+)
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
