@@ -35,6 +35,11 @@ RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # reconnecting to Redis: doubling back-off
 CONNECTED = Gauge("score_live_connections", "Live leaderboard clients of this process")
 PUBLISHED = Metric("score_live_frames", "Leaderboard frames published to this process's clients")
 CLOSED = Metric("score_live_closed", "Live clients closed or refused by the server", ["reason"])
+WS_CLIENTS = Metric(
+    "score_live_ws_clients",
+    "WebSocket clients accepted, by send path: direct (pre-framed bytes to the transport) or asgi",
+    ["path"],
+)
 FOLLOWING = Gauge("score_live_following", "1 while this process follows the top streams")
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code: a limit is reached, or no state is known yet

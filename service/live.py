@@ -31,7 +31,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
-from service.broadcast import CLOSED, TRY_AGAIN_LATER, Broadcaster, Refused
+from service.broadcast import CLOSED, TRY_AGAIN_LATER, WS_CLIENTS, Broadcaster, Refused
 from service.errors import problem
 from service.frames import Frame, version_order
 from service.subscribers import (
@@ -168,6 +168,8 @@ class LiveSocket(_Endpoint):
         address = client_address(scope)
         wire = wire_of(receive)
         sub = Pumped(address) if wire is None else Direct(address, wire, self.send_timeout_s)
+        # which path clients take: "asgi" under uvicorn means the fast path was lost
+        WS_CLIENTS.labels("asgi" if wire is None else "direct").inc()
         try:
             await self.subscribe(sub)
         except Refused as refused:

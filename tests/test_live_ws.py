@@ -62,6 +62,11 @@ async def test_snapshot_on_connect_then_one_frame_per_change(service, add_users,
                 {"rank": 2, "user_id": bob, "score": 5},
             ]
             assert update == (await http.get("/api/v1/leaderboard")).json()
+            # Under uvicorn the frames were written pre-framed to the transport (the fast
+            # path); falling back to per-client ASGI sends would still be correct, but slow.
+            metrics = (await http.get("/metrics")).text
+            assert 'score_live_ws_clients_total{path="direct"} 1.0' in metrics
+            assert 'path="asgi"' not in metrics
 
 
 async def test_a_burst_is_conflated_and_ends_on_the_final_state(
