@@ -32,8 +32,14 @@ from service.models import (
     encoder,
     users_request_decoder,
 )
-from service.redis_errors import RETRY_AFTER_S, redis_unavailable
-from service.scores import BEARER_CHALLENGE, IDEMPOTENCY_KEY, decode_json, read_body
+from service.redis_errors import RETRY_AFTER_S, redis_unavailable, refuse_until_ready
+from service.scores import (
+    BEARER_CHALLENGE,
+    IDEMPOTENCY_KEY,
+    decode_json,
+    read_body,
+    refuse_declared_oversize,
+)
 from service.scripts import Status, prepare_submit
 from service.settings import ADMIN_SCOPE
 from service.users import provision
@@ -52,14 +58,14 @@ _RESULTS = {
 async def _admin_body(request: Request) -> tuple[Context, bytes]:
     """The context and the body of a request made with an admin token; 401/403 otherwise."""
     ctx: Context = request.app.state.ctx
-    body = await read_body(request, MAX_BODY_BYTES)
+    refuse_declared_oversize(request, MAX_BODY_BYTES)
     try:
         principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
     if not principal.admin:
         raise ApiError(403, f"the admin API needs a token with the scope {ADMIN_SCOPE!r}")
-    return ctx, body
+    return ctx, await read_body(request, MAX_BODY_BYTES)
 
 
 async def post_users(request: Request) -> Response:
@@ -100,6 +106,7 @@ async def post_scores(request: Request) -> Response:
     _check(batch)
     results: list[AdjustmentResult] = []
     flush: set[int] = set()
+    refuse_until_ready(ctx)
     async with redis_unavailable():
         for item in batch.adjustments:
             call = prepare_submit(

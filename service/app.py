@@ -73,7 +73,7 @@ def create_app(
         app.state.ctx = ctx
         if ctx.auth.jwks is not None:
             await ctx.auth.jwks.start()
-        readiness = asyncio.create_task(become_ready(ctx, rebuild))
+        readiness = asyncio.create_task(keep_ready(ctx, rebuild))
         await live.start()
         unhook_signals = hook_shutdown_signals(live)
         try:
@@ -90,7 +90,7 @@ def create_app(
     routes = [
         Route("/api/v1/score", post_score, methods=["POST"]),
         Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
-        Route("/api/v1/users/{user_id:str}", get_user, methods=["GET"]),
+        Route("/api/v1/users/{user_id:path}", get_user, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -123,23 +123,30 @@ async def refuse_evicting_redis(client: object) -> None:
         raise ConfigError(problem)
 
 
-async def become_ready(ctx: Context, rebuild: Rebuild | None) -> None:
-    """Wait for Redis, rebuild it from Postgres if it holds no leaderboards, then go ready."""
+async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
+    """Say through `ctx.ready` whether Redis holds the leaderboards, for as long as we run.
+
+    Redis without its ready marker (new, or it lost its data while we run: a restart without
+    its AOF, a failover to an empty replica) is rebuilt from Postgres; until then requests
+    get 503, never a 404 for a user who exists. A Redis that is merely down changes nothing
+    here: requests get 503 from the Redis error itself, and it comes back with its data.
+    """
     marker = ctx.schema.ready_marker
     while True:
         try:
             if await ctx.redis.exists(marker):
-                break
-            if rebuild is None:
+                ctx.ready, ctx.not_ready_reason = True, ""
+            elif rebuild is None:
                 await ctx.redis.set(marker, "1")
-                break
-            ctx.not_ready_reason = "rebuilding Redis from Postgres"
-            await asyncio.to_thread(rebuild, ctx.settings)
+            else:
+                if ctx.ready:
+                    log.warning("Redis holds no leaderboards any more: rebuilding from Postgres")
+                ctx.ready, ctx.not_ready_reason = False, "rebuilding Redis from Postgres"
+                await asyncio.to_thread(rebuild, ctx.settings)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"
+            if not ctx.ready:
+                ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"
         except Exception as exc:  # the rebuild failed (Postgres down?): keep trying
             log.warning("could not make Redis ready: %s", exc)
             ctx.not_ready_reason = f"rebuild failed: {exc}"
         await asyncio.sleep(READY_POLL_S)
-    ctx.ready = True
-    ctx.not_ready_reason = ""

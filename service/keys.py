@@ -98,7 +98,7 @@ class KeySchema:
 
     @property
     def ready_marker(self) -> str:
-        """STRING set once Redis holds the leaderboards (after a rebuild or a provisioning).
+        """STRING set once Redis holds the leaderboards (by a rebuild, or on a new deployment).
 
         A Redis without it (new, wiped) must be rebuilt from Postgres before serving.
         """

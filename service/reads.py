@@ -14,7 +14,7 @@ from service.context import Context
 from service.errors import ApiError
 from service.leaderboard import build
 from service.models import Leaderboard, UserId, UserScore, encoder
-from service.redis_errors import redis_unavailable
+from service.redis_errors import redis_unavailable, refuse_until_ready
 from service.tops import read_tops
 
 
@@ -49,6 +49,7 @@ async def get_user(request: Request) -> Response:
         msgspec.convert(user_id, UserId)
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid user_id: {exc}") from None
+    refuse_until_ready(ctx)
     async with redis_unavailable():
         stored = await ctx.redis.zscore(ctx.schema.for_user(user_id).leaderboard, user_id)
         if stored is None:

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import redis.exceptions
 
+from service.context import Context
 from service.errors import ApiError
 
 RETRY_AFTER_S = 1
@@ -45,3 +46,14 @@ async def redis_unavailable() -> AsyncIterator[None]:
         raise _unavailable(
             "the score store cannot persist writes right now; retry shortly"
         ) from None
+
+
+def refuse_until_ready(ctx: Context) -> None:
+    """503 while Redis is not known to hold the leaderboards (starting, being rebuilt from
+    Postgres): an existing user must never be told 404 because Redis is still empty."""
+    if not ctx.ready:
+        raise ApiError(
+            503,
+            f"the service is not ready ({ctx.not_ready_reason or 'starting'}); retry shortly",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )

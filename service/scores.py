@@ -20,7 +20,7 @@ from service.auth import AuthError
 from service.context import Context
 from service.errors import ApiError
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import redis_unavailable
+from service.redis_errors import redis_unavailable, refuse_until_ready
 from service.scripts import Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
 
@@ -36,11 +36,20 @@ T = TypeVar("T")
 _JSON_TYPES = ("application/json", "application/problem+json")
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, or 413 as soon as it is known to be larger than `limit`.
+def refuse_declared_oversize(request: Request, limit: int = MAX_BODY_BYTES) -> None:
+    """413 when the declared Content-Length is over `limit`: the first check, before the
+    token, so a large body is refused without reading it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body must be at most {limit} bytes")
 
-    A declared Content-Length is trusted only to refuse early; a chunked body is counted as
-    it arrives, so no body larger than `limit` is ever held in memory.
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body (after the token check), 400 for a malformed Content-Length, 413 as
+    soon as it is known to be larger than `limit`.
+
+    A chunked body is counted as it arrives, so no body larger than `limit` is ever held in
+    memory.
     """
     too_large = ApiError(413, f"the request body must be at most {limit} bytes")
     declared = request.headers.get("content-length")
@@ -104,11 +113,12 @@ async def post_score(request: Request) -> Response:
 
 async def _post_score(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
-    body = await read_body(request)
+    refuse_declared_oversize(request)
     try:
         principal = await ctx.auth.authenticate(request.headers.get("authorization"))
     except AuthError as exc:
         raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
+    body = await read_body(request)
     update: ScoreUpdate = decode_json(request, body, score_update_decoder)
     if update.score_increase > ctx.settings.max_increase:
         raise ApiError(
@@ -127,6 +137,7 @@ async def _post_score(request: Request) -> Response:
         update.score_increase,
         idempotency_key=idempotency_key,
     )
+    refuse_until_ready(ctx)
     async with redis_unavailable():
         result = await ctx.scripts.submit(call)
     headers = rate_headers(ctx, result)

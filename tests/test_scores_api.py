@@ -130,9 +130,11 @@ def test_huge_declared_content_length_is_413(client, add_users, token, snapshot)
 
 
 @pytest.mark.parametrize("length", ["abc", "-1", "²", "1e3"])
-def test_malformed_content_length_is_400(client, snapshot, length: str) -> None:
+def test_malformed_content_length_is_400(client, add_users, token, snapshot, length: str) -> None:
+    (alice,) = add_users(count=1)
     before = snapshot()
-    resp = client.post(URL, content=b"{}", headers={"Content-Length": length.encode("latin-1")})
+    headers = {**bearer(token(alice)), "Content-Length": length.encode("latin-1")}
+    resp = client.post(URL, content=b"{}", headers=headers)
     assert_problem(resp, 400, "Content-Length")
     assert snapshot() == before
 
