@@ -73,6 +73,10 @@ def create_app(
         app.state.ctx = ctx
         if ctx.auth.jwks is not None:
             await ctx.auth.jwks.start()
+        with contextlib.suppress(redis.exceptions.RedisError):
+            # ready from the first request when Redis holds the leaderboards: uvicorn accepts
+            # connections only once this startup is done
+            ctx.ready = bool(await client.exists(ctx.schema.ready_marker))
         readiness = asyncio.create_task(keep_ready(ctx, rebuild))
         await live.start()
         unhook_signals = hook_shutdown_signals(live)
@@ -143,6 +147,7 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
                     log.warning("Redis holds no leaderboards any more: rebuilding from Postgres")
                 ctx.ready, ctx.not_ready_reason = False, "rebuilding Redis from Postgres"
                 await asyncio.to_thread(rebuild, ctx.settings)
+                continue  # look at the marker again at once (a rebuild waits on its lock)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             if not ctx.ready:
                 ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"

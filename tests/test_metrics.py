@@ -8,14 +8,17 @@ import re
 import httpx
 from conftest import start_service, stop_process
 
+from service.keys import KeySchema
+
 
 def _accepted(text: str) -> float:
     m = re.search(r'^score_update_responses_total\{status="200"\} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
 
 
-def test_two_workers_report_every_accepted_update(env, add_users, token, tmp_path) -> None:
+def test_two_workers_report_every_accepted_update(env, r, add_users, token, tmp_path) -> None:
     (alice,) = add_users(count=1)
+    r.set(KeySchema(1).ready_marker, "1")  # Redis holds the leaderboards: no rebuild to wait for
     svc = start_service(env, tmp_path / "serve.log", "--workers", "2")
     try:
         headers = {"Authorization": f"Bearer {token(alice)}"}
