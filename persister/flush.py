@@ -160,6 +160,11 @@ class Persister:
                     return False
         self._failures = 0
         faults.point("after-commit")
+        if not _renew(lock):
+            # Committed, but the partition is no longer ours (a rebuild or reconcile may have
+            # paused it, reading the stream and Postgres in one snapshot): leave the batch
+            # pending; whoever flushes next finds it in the ledger and adds nothing.
+            return False
         dead = 0
         for entry, reason in batch.malformed:  # cannot succeed later: dead-letter at once
             stream.dead_letter(entry, f"malformed: {reason}")

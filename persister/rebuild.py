@@ -86,6 +86,9 @@ def rebuild(settings: Settings, *, force: bool) -> Rebuilt | None:
             if not force and client.exists(schema.ready_marker):
                 return None
             with psycopg.connect(settings.database_url, connect_timeout=5) as conn:
+                # one snapshot for the ledger check and the scores: a batch whose commit
+                # lands while we read is in both or in neither (see Persister._persist)
+                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
                 done = _rebuild(client, conn, settings, lock.reacquire)
             client.set(schema.ready_marker, "1")
             return done
@@ -126,6 +129,7 @@ def _rebuild(
                     args=[waiting[keys.index].last_id],
                 )
             )
+    conn.commit()  # end the snapshot: users created since `started` must be seen
     _add_new_users(client, conn, schema, started)
     scripts = SyncScripts(client)
     for keys in schema.all():

@@ -78,9 +78,12 @@ def reconcile(settings: Settings, *, repair: bool) -> Report:
     report = Report(settings.partitions)
     try:
         with (
-            psycopg.connect(settings.database_url, autocommit=True, connect_timeout=5) as conn,
+            psycopg.connect(settings.database_url, connect_timeout=5) as conn,
             paused(client, schema) as pause,
         ):
+            # one snapshot for the ledger and the scores: a batch whose commit lands while we
+            # read is in both or in neither (see Persister._persist)
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             waiting = {
                 k.index: read_unpersisted(client, conn, k, pause.renew) for k in schema.all()
             }

@@ -15,8 +15,9 @@ from rq import Queue
 from starlette.testclient import TestClient
 
 from persister.events import Event, Malformed, parse, parse_all
-from persister.flush import MAX_FAILURES, Persister
+from persister.flush import MAX_FAILURES, Drained, Persister
 from persister.jobs import QUEUE, FlushRequester
+from persister.locks import flush_lock
 from persister.reconcile import reconcile, render
 from persister.store import Store
 from service.devservers import free_port, wait_for
@@ -314,3 +315,36 @@ def test_a_key_used_again_after_its_record_expired_counts_in_postgres_too(
     assert keyed_rows(pg, [alice]) == [(alice, "order-1", 5, 5), (alice, "order-1", 5, 10)]
     report = reconcile(settings, repair=False)
     assert report.clean, render(report)
+
+
+def test_a_flush_that_lost_its_lock_after_commit_does_not_acknowledge(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
+) -> None:
+    """A flush whose lock expired while it committed (a rebuild or reconcile may have paused
+    the partition meanwhile, reading stream and Postgres in one snapshot) must leave its batch
+    pending: acknowledging it could take the events out of the stream between the pauser's
+    two reads. The next flush finds them in the ledger and adds nothing."""
+    users = add_users(count=2)
+    for i in range(4):
+        submit(settings, r, users[i % 2], 5)
+    stream = persister.stream(0)
+    stream.ensure_group()
+    batch = stream.read(100)
+    lock = flush_lock(r, KeySchema(1).all()[0])
+    assert lock.acquire(blocking=False)
+    r.set(lock.name, "another-owner")  # it expired, and someone else holds the partition now
+
+    assert not persister._persist(stream, batch, lock=lock, deadline=1e12, done=Drained(0))
+
+    assert pg_scores(pg, users) == {u: 10 for u in users}  # committed...
+    events = KeySchema(1).all()[0].events
+    assert r.xpending(events, PERSISTER_GROUP)["pending"] == 4  # ...but not acknowledged
+    r.delete(lock.name)  # the other owner is done
+
+    def drained() -> bool:
+        persister.drain(0)
+        return r.xlen(events) == 0
+
+    wait_for(drained, 10, "the pending batch to be reclaimed and acknowledged")
+    assert pg_scores(pg, users) == redis_totals(settings, r, users) == {u: 10 for u in users}
+    assert len(ledger(pg, users)) == 4
