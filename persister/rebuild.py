@@ -39,7 +39,7 @@ from persister.locks import PersisterBusy, paused
 from persister.unpersisted import Unpersisted, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema
-from service.scripts import SyncScripts, load
+from service.scripts import SyncScripts
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _rebuild(
     began = time.monotonic()
     schema = KeySchema(settings.partitions)
     started = _now(conn)
-    swap = client.register_script(load("swap_leaderboard").body)
+    scripts = SyncScripts(client)
     with paused(client, schema) as pause:
 
         def keep_alive() -> None:  # raises LockNotOwnedError if the pause was lost
@@ -121,17 +121,11 @@ def _rebuild(
             client.delete(keys.rebuilt_leaderboard)
         users = _fill(client, conn, schema, waiting, keep_alive)
         keep_alive()
-        replayed = 0
-        for keys in schema.all():
-            replayed += int(
-                swap(
-                    keys=[keys.rebuilt_leaderboard, keys.leaderboard, keys.events],
-                    args=[waiting[keys.index].last_id],
-                )
-            )
+        replayed = sum(
+            scripts.swap_leaderboard(keys, waiting[keys.index].last_id) for keys in schema.all()
+        )
     conn.commit()  # end the snapshot: users created since `started` must be seen
     _add_new_users(client, conn, schema, started)
-    scripts = SyncScripts(client)
     for keys in schema.all():
         scripts.publish_top(keys, settings.top_n)
     unpersisted = sum(w.count for w in waiting.values())

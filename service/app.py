@@ -16,7 +16,7 @@ from starlette.routing import Route
 from service.admin import post_scores, post_users
 from service.auth import Authenticator
 from service.broadcast import Broadcaster
-from service.connections import async_redis, eviction_problem
+from service.connections import async_redis, check_redis
 from service.context import Context, FlushRequester
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
 from service.going_away import hook_shutdown_signals
@@ -28,7 +28,7 @@ from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.scores import post_score
 from service.scripts import Scripts
-from service.settings import ConfigError, Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = async_redis(settings)
-        await refuse_evicting_redis(client)
+        await check_redis(client)
         pg = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
@@ -113,18 +113,6 @@ def create_app(
             Exception: server_error_handler,
         },
     )
-
-
-async def refuse_evicting_redis(client: object) -> None:
-    """ConfigError if Redis could evict our keys; an unreachable Redis is left to readiness."""
-    try:
-        info = await client.info("memory")  # type: ignore[attr-defined]
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
-        return
-    problem = eviction_problem(info)
-    if problem:
-        raise ConfigError(problem)
 
 
 async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:

@@ -74,6 +74,20 @@ def check_redis_sync(client: redis.Redis) -> None:
         raise ConfigError(problem)
 
 
+async def check_redis(client: aioredis.Redis) -> None:
+    """In the app's startup: ConfigError for a Redis that could evict our keys (the app may
+    run under another server than `score-service serve`, which checked already). A Redis not
+    reachable yet is left to readiness."""
+    try:
+        info = await client.info("memory")
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
+        return
+    problem = eviction_problem(info)
+    if problem:
+        raise ConfigError(problem)
+
+
 def refuse_evicting_redis(settings: Settings) -> None:
     """Before serving: ConfigError for a Redis that could evict our keys.
 

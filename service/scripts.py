@@ -160,11 +160,7 @@ class Scripts:
 
     async def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
         """Append the partition's current top-N to its top stream; the new version."""
-        reply = await self._publish.script(
-            keys=self._publish.checked([keys.leaderboard, keys.top]),
-            args=[top_n, TOP_STREAM_MAXLEN],
-        )
-        return _text(reply)
+        return _text(await self._publish.script(**_publish_call(self._publish, keys, top_n)))
 
 
 class SyncScripts:
@@ -173,6 +169,7 @@ class SyncScripts:
     def __init__(self, client: redis.Redis) -> None:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
+        self._swap = _Registered("swap_leaderboard", client)
 
     def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
@@ -181,11 +178,13 @@ class SyncScripts:
 
     def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
         """Append the partition's current top-N to its top stream; the new version."""
-        reply = self._publish.script(
-            keys=self._publish.checked([keys.leaderboard, keys.top]),
-            args=[top_n, TOP_STREAM_MAXLEN],
-        )
-        return _text(reply)
+        return _text(self._publish.script(**_publish_call(self._publish, keys, top_n)))
+
+    def swap_leaderboard(self, keys: PartitionKeys, last_id: str) -> int:
+        """Swap the partition's rebuilt leaderboard in, replaying the increments accepted
+        after stream id `last_id`; the number replayed."""
+        call = self._swap.checked([keys.rebuilt_leaderboard, keys.leaderboard, keys.events])
+        return int(self._swap.script(keys=call, args=[last_id]))
 
 
 class _Registered:
@@ -201,6 +200,13 @@ class _Registered:
         if len(keys) != self.numkeys:
             raise ValueError(f"{self.name} takes {self.numkeys} keys, got {len(keys)}")
         return keys
+
+
+def _publish_call(script: _Registered, keys: PartitionKeys, top_n: int) -> dict[str, Any]:
+    return {
+        "keys": script.checked([keys.leaderboard, keys.top]),
+        "args": [top_n, TOP_STREAM_MAXLEN],
+    }
 
 
 def _text(value: bytes | str) -> str:
