@@ -1,0 +1,153 @@
+"""A small TCP proxy that injects network faults between a client and a server.
+
+It runs its own asyncio loop in a background thread, so blocking tests and subprocesses can
+use it alike. Faults are chosen by mode, changed at any time:
+
+- `PASS`: bytes flow both ways.
+- `DROP_REPLIES`: requests reach the server, its replies are swallowed and the connection is
+  reset as soon as a reply arrives: the server executed the command, the client never hears.
+- `DELAY`: every chunk waits `delay_s` before it is forwarded (both ways).
+- `BLACKHOLE`: connections are accepted and nothing is forwarded either way (a partition
+  that does not close sockets).
+- `REFUSE`: new connections are closed at once (a server that is down).
+
+`reset_all()` resets every open connection now (a proxy or network restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+import struct
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Mode(enum.Enum):
+    PASS = "pass"
+    DROP_REPLIES = "drop_replies"
+    DELAY = "delay"
+    BLACKHOLE = "blackhole"
+    REFUSE = "refuse"
+
+
+_CHUNK = 65536
+
+
+class FaultProxy:
+    """127.0.0.1:<port> -> upstream host:port, with faults (see the module docstring)."""
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.mode = Mode.PASS
+        self.delay_s = 0.0
+        self.connections = 0  # accepted so far
+        self.dropped_replies = 0  # connections reset after swallowing a reply
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.port = 0
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        self._server = self._call(
+            asyncio.start_server(self._handle, "127.0.0.1", 0, reuse_address=True)
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.reset_all()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def set(self, mode: Mode, delay_s: float = 0.0) -> None:
+        self.mode, self.delay_s = mode, delay_s
+
+    def reset_all(self) -> None:
+        """Reset (RST, not FIN) every open connection."""
+
+        async def reset() -> None:
+            for writer in list(self._writers):
+                _reset(writer)
+
+        self._call(reset())
+
+    @contextlib.contextmanager
+    def fault(self, mode: Mode, delay_s: float = 0.0) -> Iterator[None]:
+        """`mode` for the duration of the block, then PASS again."""
+        self.set(mode, delay_s)
+        try:
+            yield
+        finally:
+            self.set(Mode.PASS)
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        if self.mode is Mode.REFUSE:
+            _reset(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            _reset(writer)
+            return
+        self._writers.update((writer, up_writer))
+        pair = (writer, up_writer)
+        try:
+            await asyncio.gather(
+                self._pump(reader, up_writer, pair, reply=False),
+                self._pump(up_reader, writer, pair, reply=True),
+            )
+        finally:
+            for w in pair:
+                self._writers.discard(w)
+                _reset(w)
+
+    async def _pump(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        *,
+        reply: bool,
+    ) -> None:
+        try:
+            while data := await src.read(_CHUNK):
+                mode = self.mode
+                if mode is Mode.BLACKHOLE:
+                    continue
+                if reply and mode is Mode.DROP_REPLIES:
+                    self.dropped_replies += 1
+                    for w in pair:
+                        _reset(w)
+                    return
+                if mode is Mode.DELAY and self.delay_s > 0:
+                    await asyncio.sleep(self.delay_s)
+                dst.write(data)
+                await dst.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for w in pair:
+                _reset(w)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST: the peer sees a connection reset, as after a crash or a lost route."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
