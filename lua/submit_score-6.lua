@@ -16,7 +16,8 @@
   Input:
     KEYS[1] leaderboard   ZSET  member user_id, score -total
     KEYS[2] rate          STRING GCRA theoretical arrival time (microseconds, Redis clock)
-    KEYS[3] idempotency   STRING "<delta>:<new_total>" for (user, Idempotency-Key), or unused
+    KEYS[3] idempotency   STRING "<delta>:<new_total>:<rank>" for (user, Idempotency-Key), or
+                                 unused; a record restored by a rebuild has no ":<rank>"
     KEYS[4] events        STREAM e=<event id> u=<user_id> d=<delta>, and with an Idempotency-Key
                                  also k=<the key> t=<new total> (rebuild restores the record
                                  from them); drained by the persister
@@ -27,7 +28,9 @@
     ARGV[2]  delta                 integer, non-zero
     ARGV[3]  event id              made by the service (a random UUID), unique per accepted
                                    increment, with or without an Idempotency-Key
-    ARGV[4]  Idempotency-Key       the caller's key, or "" for none (KEYS[3] is then unused)
+    ARGV[4]  Idempotency-Key       the caller's key in its stored form (an operator's is
+                                   prefixed: service.keys.stored_idempotency_key), or "" for
+                                   none (KEYS[3] is then unused)
     ARGV[5]  emission interval     microseconds per request; "0" disables rate limiting
     ARGV[6]  burst                 requests allowed at once
     ARGV[7]  max |delta|
@@ -44,7 +47,8 @@
             5 IDEMPOTENCY_MISMATCH (mirrored by service.scripts.Status)
     total   the user's score after this call (the first call's, for a replay); 0 if refused
     rank    1 + the number of users with a strictly higher score (ties share a rank), after
-            this call; 0 if refused
+            this call (the first call's, for a replay); 0 if refused, or for a replay of a
+            record that does not know it (restored by a rebuild)
     retry_after_us  when RATE_LIMITED, the wait until one request is allowed again; else 0
     remaining       requests still allowed right now, after this call (0 when rate limiting
                     is off, or when the delta alone was out of range: the limit is not read)
@@ -152,22 +156,18 @@ local function spend_rate()
   end
 end
 
-local function rank_of(member)
-  local score = rcall("ZSCORE", leaderboard_key, member)
-  if not score then return 0 end
-  return rcall("ZCOUNT", leaderboard_key, "-inf", "(" .. score) + 1
-end
-
--- 2. Idempotency: a replay returns the first result and adds nothing.
+-- 2. Idempotency: a replay returns the first result (total and rank) and adds nothing.
 if use_idempotency then
   local record = rcall("GET", idempotency_key)
   if record then
-    local first_delta, first_total = string.match(record, "^(-?%d+):(-?%d+)$")
+    local first_delta, first_total, first_rank = string.match(record, "^(-?%d+):(-?%d+):?(%d*)$")
     if tonumber(first_delta) ~= delta then
       return {IDEMPOTENCY_MISMATCH, 0, 0, 0, remaining, reset_after, 0, ""}
     end
     spend_rate()
-    return {REPLAY, tonumber(first_total), rank_of(user_id), 0, remaining, reset_after, 0, ""}
+    -- a record restored by a rebuild has no rank (the ledger does not keep it): 0
+    local rank = tonumber(first_rank) or 0
+    return {REPLAY, tonumber(first_total), rank, 0, remaining, reset_after, 0, ""}
   end
 end
 
@@ -188,8 +188,11 @@ spend_rate()
 local rank_before = rcall("ZRANK", leaderboard_key, user_id)
 rcall("ZADD", leaderboard_key, "XX", int(-total), user_id)
 local position = rcall("ZRANK", leaderboard_key, user_id)
+local rank = rcall("ZCOUNT", leaderboard_key, "-inf", "(" .. int(-total)) + 1
 if use_idempotency then
-  rcall("SET", idempotency_key, int(delta) .. ":" .. int(total), "EX", int(idempotency_ttl))
+  -- the rank too: a replay answers what the first response said
+  rcall("SET", idempotency_key, int(delta) .. ":" .. int(total) .. ":" .. int(rank),
+    "EX", int(idempotency_ttl))
   -- the key and the total go to Postgres's ledger: a rebuild restores the record from them
   rcall("XADD", events_key, "*", "e", event_id, "u", user_id, "d", int(delta),
     "k", request_key, "t", int(total))
@@ -206,5 +209,4 @@ if rank_before < top_n or position < top_n then
   top_version = rcall("XADD", top_key, "MAXLEN", "~", int(top_maxlen), "*", unpack(top))
 end
 
-return {OK, total, rcall("ZCOUNT", leaderboard_key, "-inf", "(" .. int(-total)) + 1, 0, remaining,
-  reset_after, flush, top_version}
+return {OK, total, rank, 0, remaining, reset_after, flush, top_version}

@@ -1,11 +1,17 @@
 """Restoring the Idempotency-Key records a Redis lost, from Postgres's ledger (a rebuild).
 
 The hot path remembers a request made with an Idempotency-Key for SCORE_IDEMPOTENCY_TTL from
-the moment it accepts it: a record "<delta>:<total>" under `PartitionKeys.idempotency(user,
-key)`. The events stream entry carries the key and the total, and the persister keeps them in
-the ledger, so after a wipe a retry of a request made before it still returns the first result
-and adds nothing. A rebuild sets the record again for each keyed increment accepted within the
-TTL, in the ledger or still waiting in the stream, with the time it has left:
+the moment it accepts it: a record "<delta>:<total>:<rank>" under `PartitionKeys.idempotency(
+user, key)`. The events stream entry carries the key (in its stored form: an operator's is
+prefixed, `service.keys.stored_idempotency_key`) and the total, and the persister keeps them in
+the ledger, so after a wipe a retry of a request made before it still returns the first total
+and adds nothing, and an operator's record goes back to the operators' namespace. A rebuild
+sets the record again for each keyed increment accepted within the TTL, in the ledger or still
+waiting in the stream, with the time it has left:
+
+- The first response's rank is kept in neither the stream nor the ledger: a restored record
+  is "<delta>:<total>", and its replay answers without a rank rather than with today's, which
+  the first response never gave.
 
 - The time left counts from the acceptance, read from the stream id's milliseconds: Redis's
   clock, the one the hot path's EX runs on. (`recorded_at` is the commit, later when the
@@ -58,7 +64,8 @@ class Record:
 
     @property
     def value(self) -> str:
-        """The record's value, exactly as lua/submit_score-6.lua writes it."""
+        """The record's value as lua/submit_score-6.lua writes it, without the rank (which
+        the ledger does not know): a replay of it answers with no rank."""
         return f"{self.delta}:{self.total}"
 
 

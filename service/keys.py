@@ -12,11 +12,23 @@ import zlib
 from dataclasses import dataclass
 
 PREFIX = "score"
+OPERATOR_KEY_PREFIX = "operator "
+"""Prefixes an operator's Idempotency-Key in its stored form. It holds a space, which no
+player's key (1-200 printable ASCII characters, no space) can: the two never meet."""
 
 
 def partition_of(user_id: str, partitions: int) -> int:
     """The partition that owns `user_id` (stable across processes and restarts)."""
     return zlib.crc32(user_id.encode()) % partitions
+
+
+def stored_idempotency_key(key: str, *, operator: bool) -> str:
+    """The form an Idempotency-Key is kept in (its record's name, the events stream, the
+    ledger): the player's key as sent, an operator's with OPERATOR_KEY_PREFIX. Players and
+    operators so have separate namespaces per user (a player who uses an operator's key
+    first cannot turn the adjustment into a conflict), and a rebuild that restores the
+    records from the ledger puts each back in its own namespace."""
+    return OPERATOR_KEY_PREFIX + key if operator else key
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +92,8 @@ class PartitionKeys:
         return f"{PREFIX}:{self.tag}:rate:{user_id}"
 
     def idempotency(self, user_id: str, key: str) -> str:
-        """STRING: the first result of a request made with this Idempotency-Key."""
+        """STRING: the first result of a request made with this Idempotency-Key, given in
+        its stored form (`stored_idempotency_key`)."""
         return f"{PREFIX}:{self.tag}:idem:{len(user_id)}:{user_id}:{key}"
 
 

@@ -164,6 +164,8 @@ async def _post_score(request: Request) -> Response:
         message="Score updated successfully.",
         user_id=update.user_id,
         new_score=result.total,
-        rank=result.rank if ctx.settings.partitions == 1 else msgspec.UNSET,
+        # a partition's rank is not the global one; 0: a replay whose record does not know
+        # the first response's rank (restored by a rebuild)
+        rank=result.rank if ctx.settings.partitions == 1 and result.rank > 0 else msgspec.UNSET,
     )
     return Response(encoder.encode(reply), headers=headers, media_type="application/json")

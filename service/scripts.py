@@ -21,7 +21,7 @@ import redis.exceptions
 
 from service.batching import AutoPipeline
 from service.connections import SOCKET_TIMEOUT_S
-from service.keys import KeySchema, PartitionKeys
+from service.keys import KeySchema, PartitionKeys, stored_idempotency_key
 from service.settings import MAX_SCORE, Settings
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
@@ -98,16 +98,20 @@ def prepare_submit(
     races its first attempt needs no shared id: the one Lua call sees the first's record.
 
     `operator` (the admin API): no rate limit, negative deltas allowed, and no
-    SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment.
+    SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment; its
+    Idempotency-Keys are the operators' own, apart from the player's.
     """
     p = schema.for_user(user_id)
-    idem = p.idempotency(user_id, idempotency_key or "")
+    stored_key = (
+        stored_idempotency_key(idempotency_key, operator=operator) if idempotency_key else ""
+    )
+    idem = p.idempotency(user_id, stored_key)
     keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag]
     args: list[str | int] = [
         user_id,
         delta,
         str(uuid.uuid4()),
-        idempotency_key or "",
+        stored_key,
         0 if operator else settings.rate_interval_us,
         settings.rate_burst,
         MAX_SCORE if operator else settings.max_increase,

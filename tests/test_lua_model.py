@@ -2,7 +2,9 @@
 
 The machine provisions users, submits for random users (unknown ones included) with random
 deltas (too large ones included), with or without Idempotency-Keys (reused ones included, with
-another delta too, and again after their record expired), and makes operator adjustments;
+another delta too, and again after their record expired), and makes operator adjustments
+(with the same keys: an operator's namespace is not the player's); a replay must answer the
+first response's total and rank;
 after every step the script's replies, the leaderboard, the top stream, the events stream
 (with the key and the new total of a keyed increment), the flush flag and the rate limit must
 be what the model says.
@@ -36,6 +38,7 @@ from hypothesis.stateful import (
 from lua_harness import BACKENDS, HOUR_US, Harness, open_backend
 
 import service.scripts
+from service.keys import stored_idempotency_key
 from service.scripts import FLUSH_FLAG_TTL_S, Status, SubmitResult
 from service.settings import MAX_SCORE, Settings
 
@@ -79,7 +82,9 @@ class Model:
 
     scores: dict[str, int] = field(default_factory=dict)
     spent: dict[str, int] = field(default_factory=dict)  # rate allowance spent, per user
-    records: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    records: dict[tuple[str, str, bool], tuple[int, int, int]] = field(default_factory=dict)
+    """(user, key, by an operator) -> (delta, total, rank) of the first response: players and
+    operators have separate namespaces."""
     events: list[dict[str, str]] = field(default_factory=list)
     top_entries: int = 0
     flush_flag: bool = False
@@ -104,12 +109,12 @@ class Model:
         if not operator and spent >= BURST:
             return Expected(Status.RATE_LIMITED)
         remaining = 0 if operator else BURST - spent
-        record = self.records.get((user, key)) if key is not None else None
+        record = self.records.get((user, key, operator)) if key is not None else None
         if record is not None:
             if record[0] != delta:
                 return Expected(Status.IDEMPOTENCY_MISMATCH, remaining=remaining)
             remaining = self._spend(user, operator, remaining)
-            return Expected(Status.REPLAY, record[1], self.rank(user), remaining)
+            return Expected(Status.REPLAY, record[1], record[2], remaining)
         if user not in self.scores:
             return Expected(Status.UNKNOWN_USER, remaining=remaining)
         total = self.scores[user] + delta
@@ -119,8 +124,8 @@ class Model:
         self.scores[user] = total
         event = {"e": event_id, "u": user, "d": str(delta)}
         if key is not None:
-            self.records[(user, key)] = (delta, total)
-            event.update(k=key, t=str(total))
+            self.records[(user, key, operator)] = (delta, total, self.rank(user))
+            event.update(k=stored_idempotency_key(key, operator=operator), t=str(total))
         self.events.append(event)
         return Expected(Status.OK, total, self.rank(user), remaining)
 
@@ -177,19 +182,20 @@ class LeaderboardMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def retry(self, data: st.DataObject) -> None:
         """Send an accepted request again, Idempotency-Key and delta unchanged."""
-        user, key = data.draw(st.sampled_from(sorted(self.model.records)))
-        delta = self.model.records[(user, key)][0]
-        self._call(user, delta, key, operator=delta < 0)
+        user, key, operator = data.draw(st.sampled_from(sorted(self.model.records)))
+        delta = self.model.records[(user, key, operator)][0]
+        self._call(user, delta, key, operator)
 
     @precondition(lambda self: bool(self.model.records))
     @rule(data=st.data())
     def record_expires_then_the_key_is_used_again(self, data: st.DataObject) -> None:
         """An Idempotency-Key record reaches its TTL (deleted: what the expiry does); the same
         request sent again is a new increment."""
-        user, key = data.draw(st.sampled_from(sorted(self.model.records)))
-        delta = self.model.records.pop((user, key))[0]
-        assert self.h.client.delete(self.h.prepare(user, delta, key).keys[2]) == 1
-        self._call(user, delta, key, operator=delta < 0)
+        user, key, operator = data.draw(st.sampled_from(sorted(self.model.records)))
+        delta = self.model.records.pop((user, key, operator))[0]
+        idem = self.h.prepare(user, delta, key, operator=operator).keys[2]
+        assert self.h.client.delete(idem) == 1
+        self._call(user, delta, key, operator)
 
     @precondition(lambda self: self.model.flush_flag)
     @rule()

@@ -98,7 +98,7 @@ def test_replay_returns_the_first_total_and_adds_nothing(h: Harness) -> None:
 
     replay = h.submit(a, 7, "k1")
     assert (replay.status, replay.total) == (Status.REPLAY, 7)  # the first call's total
-    assert replay.rank == 2  # the rank now: b has passed a since
+    assert replay.rank == 1  # the first call's rank, though b has passed a since
     assert (replay.flush, replay.top_version) == (False, "")
     assert (h.board(), h.events(), h.top_entries()) == (board, events, tops)
 
@@ -119,19 +119,55 @@ def test_a_key_used_again_after_its_record_expired_is_another_increment(h: Harne
     assert h.board() == [(a, 14), (b, 7)]
 
 
+def test_a_players_key_and_an_operators_are_apart(h: Harness) -> None:
+    """A player who uses an operator's adjustment key first does not turn the adjustment
+    into a conflict; each replay returns its own first result."""
+    a, b = ids("a", "b")
+    h.provision(a, b)
+    assert h.submit(b, 50).total == 50
+    player = h.submit(a, 10, "penalty-2026-11")
+    assert (player.status, player.total, player.rank) == (Status.OK, 10, 2)
+    operator = h.submit(a, -4, "penalty-2026-11", operator=True)
+    assert (operator.status, operator.total, operator.rank) == (Status.OK, 6, 2)
+    assert h.board() == [(b, 50), (a, 6)]
+    again = h.submit(a, 10, "penalty-2026-11")
+    assert (again.status, again.total, again.rank) == (Status.REPLAY, 10, 2)
+    again = h.submit(a, -4, "penalty-2026-11", operator=True)
+    assert (again.status, again.total, again.rank) == (Status.REPLAY, 6, 2)
+    # the stream (and so the ledger) tells them apart: a rebuild restores each to its own
+    keys = [fields.get("k") for _, fields in h.events()]
+    assert keys == [None, "penalty-2026-11", "operator penalty-2026-11"]
+    assert h.prepare(a, 1, "k").keys[2] != h.prepare(a, 1, "k", operator=True).keys[2]
+
+
+def test_a_record_restored_without_a_rank_replays_with_rank_0(h: Harness) -> None:
+    (a,) = ids("a")
+    h.provision(a)
+    idem = h.prepare(a, 7, "k1").keys[2]
+    h.client.set(idem, "7:40")  # what a rebuild restores from the ledger: no rank
+    replay = h.submit(a, 7, "k1")
+    assert (replay.status, replay.total, replay.rank) == (Status.REPLAY, 40, 0)
+    assert h.submit(a, 8, "k1").status is Status.IDEMPOTENCY_MISMATCH
+
+
 def test_idempotency_key_reused_with_another_delta_writes_nothing(h: Harness) -> None:
     (a,) = ids("a")
     h.provision(a)
     assert h.submit(a, 7, "k1").status is Status.OK
     before = h.snapshot()
 
-    for delta in (8, -7, 70):
-        mismatch = h.submit(a, delta, "k1", operator=delta < 0)
+    for delta in (8, 70):
+        mismatch = h.submit(a, delta, "k1")
         assert mismatch.status is Status.IDEMPOTENCY_MISMATCH
         assert (mismatch.total, mismatch.rank) == (0, 0)
     assert h.submit(a, 8, "k1").remaining == h.settings.rate_burst - 1  # nothing spent
     h.assert_unchanged(before)
     assert h.submit(a, 8, "k2").total == 15  # another key is another request
+    assert h.submit(a, -7, "k3", operator=True).total == 8
+    before = h.snapshot()
+    mismatch = h.submit(a, -8, "k3", operator=True)  # an operator's key: the same rule
+    assert (mismatch.status, mismatch.total, mismatch.rank) == (Status.IDEMPOTENCY_MISMATCH, 0, 0)
+    h.assert_unchanged(before)
 
 
 # --- unknown users -------------------------------------------------------------------------
