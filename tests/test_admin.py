@@ -12,6 +12,7 @@ from persist_support import keyed_rows, pg_scores, redis_totals
 from starlette.testclient import TestClient
 
 from persister.flush import Persister
+from persister.rebuild import rebuild
 from service.app import create_app
 from service.devservers import wait_for
 from service.keys import KeySchema
@@ -153,9 +154,9 @@ def test_adjustments_apply_one_by_one_with_per_item_results(
         persister.close()
     assert pg_scores(pg, ["ann", "ben"]) == {"ann": 30, "ben": 7}
     assert sorted(keyed_rows(pg, ["ann", "ben"])) == [  # each with its key and its new total
-        ("ann", "fix-1", 50, 50),
-        ("ann", "fix-2", -20, 30),
-        ("ben", "fix-1", 7, 7),
+        ("ann", "operator fix-1", 50, 50),  # an operator's key, kept apart from the player's
+        ("ann", "operator fix-2", -20, 30),
+        ("ben", "operator fix-1", 7, 7),
     ]
     assert r.xlen(KeySchema(1).all()[0].events) == 0
 
@@ -176,3 +177,66 @@ def test_an_operator_adjustment_is_not_capped_by_the_players_maximum(
         ("applied", 1),
     ]
     assert redis_totals(settings, r, ["ann"]) == {"ann": 1}
+
+
+def test_a_players_key_cannot_block_an_operators_adjustment_even_after_a_rebuild(
+    admin_client: TestClient,
+    admin: dict[str, str],
+    add_users,
+    token,
+    r: redis.Redis,
+    pg: psycopg.Connection,
+    settings: Settings,
+) -> None:
+    """A player who uses an operator's adjustment key first (guessed: `penalty-2026-11`) gets
+    an ordinary increment; the operator's -500 with that key is still applied, and each replay
+    returns its own first result, also after Redis is wiped and rebuilt from the ledger."""
+    add_users("mallory", "rival")
+    key = "penalty-2026-11"
+    player = {"Authorization": f"Bearer {token('mallory')}", "Idempotency-Key": key}
+    increment = {"user_id": "mallory", "score_increase": 600}
+    adjustment = {"adjustments": [{"user_id": "mallory", "delta": -500, "idempotency_key": key}]}
+
+    def play() -> dict[str, object]:
+        resp = admin_client.post("/api/v1/score", json=increment, headers=player)
+        assert resp.status_code == 200, resp.text
+        return {**resp.json(), "replayed": resp.headers.get("idempotent-replayed")}
+
+    def adjust() -> tuple[str, int]:
+        resp = admin_client.post(SCORES, json=adjustment, headers=admin)
+        assert resp.status_code == 200, resp.text
+        (result,) = resp.json()["results"]
+        return result["status"], result["new_score"]
+
+    assert play() == {"message": "Score updated successfully.", "user_id": "mallory",
+                      "new_score": 600, "rank": 1, "replayed": None}  # fmt: skip
+    assert admin_client.post(  # rival passes mallory: a replay still says rank 1
+        "/api/v1/score",
+        json={"user_id": "rival", "score_increase": 700},
+        headers={"Authorization": f"Bearer {token('rival')}"},
+    ).json()["rank"] == 1
+    assert adjust() == ("applied", 100)  # not a conflict: the operator's key is its own
+    assert play()["new_score"] == 600 and play()["rank"] == 1 and play()["replayed"] == "true"
+    assert adjust() == ("replayed", 100)
+    assert redis_totals(settings, r, ["mallory"]) == {"mallory": 100}
+
+    persister = Persister(settings)
+    try:
+        persister.drain(0)
+    finally:
+        persister.close()
+    assert keyed_rows(pg, ["mallory"]) == [
+        ("mallory", key, 600, 600),
+        ("mallory", "operator " + key, -500, 100),
+    ]
+    r.flushall()
+    done = rebuild(settings, force=True)
+    assert done is not None and done.records == 2  # each into its own namespace
+    wait_for(lambda: admin_client.get("/readyz").status_code == 200, 10, "ready again")
+
+    replay = play()  # the first total; the first rank was kept in Redis only: none, not today's
+    assert (replay["new_score"], replay["replayed"], "rank" in replay) == (600, "true", False)
+    assert adjust() == ("replayed", 100)
+    assert redis_totals(settings, r, ["mallory"]) == {"mallory": 100}
+    assert r.xlen(KeySchema(1).all()[0].events) == 0  # nothing applied again
+    assert pg_scores(pg, ["mallory"]) == {"mallory": 100}
