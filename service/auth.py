@@ -4,7 +4,11 @@ Algorithms are pinned to the configured key's type, `exp` is required, `iss`/`au
 when configured, and the headers RFC 8725 warns about (`jku`, `x5u`, `jwk`, `x5c`, `crit`) are
 refused before any key is chosen: a token never names where its key comes from. A verified
 token is cached until it expires: on the hot path a client re-sends the same token many times,
-and verifying an RS256 signature costs far more than the rest of the request.
+and verifying an RS256 signature costs far more than the rest of the request. A token verified
+with a JWKS key is served from the cache only while that key is still the JWKS's key for its
+`kid`: a key rotated out (or replaced under the same `kid`) takes its tokens with it. With
+SCORE_JWT_MAX_AGE, a token must carry `iat` and is refused once it is older than that, however
+far away its `exp` is.
 """
 
 from __future__ import annotations
@@ -15,11 +19,16 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
 from jwt.types import Options
 
 from service.settings import ADMIN_SCOPE, ConfigError, Settings, algorithm_for
@@ -44,11 +53,38 @@ class AuthError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who a verified token speaks for, and until when (`exp` plus the leeway)."""
+    """Who a verified token speaks for, and until when (`exp` plus the leeway, or `iat` plus
+    SCORE_JWT_MAX_AGE if that is sooner)."""
 
     user_id: str
     admin: bool
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    """A cached verification: the principal, and the JWKS key that verified the token (None
+    for the dev secret or the PEM public key, which do not rotate while we run)."""
+
+    principal: Principal
+    jwk: jwt.PyJWK | None
+
+
+def _same_key(a: jwt.PyJWK, b: jwt.PyJWK) -> bool:
+    """Whether two JWKs hold the same key material for the same algorithm and use."""
+    return (a.algorithm_name, a.public_key_use, _material(a.key)) == (
+        b.algorithm_name,
+        b.public_key_use,
+        _material(b.key),
+    )
+
+
+def _material(key: Any) -> bytes:
+    if isinstance(key, bytes):  # an HMAC ("oct") key
+        return key
+    if hasattr(key, "private_bytes"):  # a JWKS that (wrongly) publishes a private key
+        key = key.public_key()
+    return key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # type: ignore[no-any-return]
 
 
 class Jwks:
@@ -57,7 +93,9 @@ class Jwks:
     Keys are refreshed in the background; a failed refresh keeps the keys we have. A token
     with an unknown `kid` triggers at most one refetch per `unknown_kid_interval_s`, so a
     flood of forged `kid`s cannot turn into a flood of requests to the identity provider;
-    requests that arrive while a fetch is under way wait for that one fetch.
+    requests that arrive while a fetch is under way wait for that one fetch. A refresh keeps
+    the very `PyJWK` object of a key that did not change, and only of those: `holds` tells
+    whether a key is still current.
     """
 
     def __init__(
@@ -106,6 +144,13 @@ class Jwks:
             }
             if not keys:
                 raise jwt.PyJWKSetError("the JWKS holds no signing key with a 'kid'")
+            for kid, new in keys.items():
+                old = self._keys.get(kid)
+                if old is not None and _same_key(old, new):
+                    keys[kid] = old  # unchanged: the tokens it verified stay cached
+            dropped = [kid for kid, old in self._keys.items() if keys.get(kid) is not old]
+            if dropped:
+                log.info("JWKS keys removed or replaced: %s", ", ".join(sorted(dropped)))
             self._keys = keys
         except Exception as exc:  # whatever went wrong (network, HTTP, JSON, keys): keep ours
             log.warning("JWKS refresh failed, keeping %d cached keys: %s", len(self._keys), exc)
@@ -130,6 +175,10 @@ class Jwks:
         except KeyError:
             raise AuthError(f"unknown key id {kid[:64]!r}") from None
 
+    def holds(self, jwk: jwt.PyJWK) -> bool:
+        """Whether `jwk` is still the key of its `kid` (not removed, nor replaced)."""
+        return jwk.key_id is not None and self._keys.get(jwk.key_id) is jwk
+
 
 class Authenticator:
     """Verifies bearer tokens against the configured key sources.
@@ -151,13 +200,16 @@ class Authenticator:
         self.jwks = jwks
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
+        self._max_age_s = settings.jwt_max_age_s
         required = ["exp"]
         if self._issuer:
             required.append("iss")
         if self._audience:
             required.append("aud")
+        if self._max_age_s is not None:
+            required.append("iat")
         self._options: Options = {"require": required}
-        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache: OrderedDict[str, _Verified] = OrderedDict()
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization: Bearer ...` header, or AuthError."""
@@ -171,17 +223,23 @@ class Authenticator:
             raise AuthError(f"the bearer token is longer than {MAX_TOKEN_CHARS} characters")
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.expires_at > time.time():
+            if cached.principal.expires_at > time.time() and self._still_trusted(cached):
                 self._cache.move_to_end(token)
-                return cached
-            del self._cache[token]
-        principal = await self._verify(token)
-        self._cache[token] = principal
+                return cached.principal
+            del self._cache[token]  # expired, or its key was rotated out: verify again
+        verified = await self._verify(token)
+        self._cache[token] = verified
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-        return principal
+        return verified.principal
 
-    async def _verify(self, token: str) -> Principal:
+    def _still_trusted(self, cached: _Verified) -> bool:
+        """Whether the key that verified a cached token is still current."""
+        if cached.jwk is None:
+            return True
+        return self.jwks is not None and self.jwks.holds(cached.jwk)
+
+    async def _verify(self, token: str) -> _Verified:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
@@ -192,7 +250,7 @@ class Authenticator:
         alg = header.get("alg")
         if not isinstance(alg, str):
             raise AuthError("the token's header names no algorithm ('alg')")
-        key = await self._key_for(alg, header.get("kid"))
+        key, jwk = await self._key_for(alg, header.get("kid"))
         try:
             claims = jwt.decode(
                 token,
@@ -213,25 +271,41 @@ class Authenticator:
         scope = claims.get("scope")
         admin = isinstance(scope, str) and ADMIN_SCOPE in scope.split()
         exp = claims["exp"]
-        if not isinstance(exp, int | float) or isinstance(exp, bool):
+        if not _is_number(exp):
             raise AuthError("the token's 'exp' claim is not a number")
-        return Principal(user_id, admin, float(exp) + LEEWAY_S)
+        expires_at = float(exp) + LEEWAY_S
+        if self._max_age_s is not None:
+            iat = claims["iat"]
+            if not _is_number(iat):
+                raise AuthError("the token's 'iat' claim is not a number")
+            if time.time() - float(iat) > self._max_age_s:
+                raise AuthError(
+                    f"the token was issued more than {self._max_age_s} s ago "
+                    "(SCORE_JWT_MAX_AGE): get a new one"
+                )
+            expires_at = min(expires_at, float(iat) + self._max_age_s)
+        return _Verified(Principal(user_id, admin, expires_at), jwk)
 
-    async def _key_for(self, alg: str, kid: object) -> Any:
-        """The key that may verify a token signed with `alg`, or AuthError."""
+    async def _key_for(self, alg: str, kid: object) -> tuple[Any, jwt.PyJWK | None]:
+        """The key that may verify a token signed with `alg` (and the JWKS key it is, if it
+        is one), or AuthError."""
         if alg == "HS256" and self._secret is not None:
-            return self._secret
+            return self._secret, None
         if alg in _ASYMMETRIC:
             if self.jwks is not None and isinstance(kid, str) and kid:
                 jwk = await self.jwks.key(kid)
                 if jwk.algorithm_name != alg:
                     raise AuthError(f"key {kid[:64]!r} does not sign with {alg}")
-                return jwk.key
+                return jwk.key, jwk
             if self._public_key is not None and alg == self._public_alg:
-                return self._public_key
+                return self._public_key, None
             if self.jwks is not None:
                 raise AuthError("the token names no key id ('kid') to pick a JWKS key by")
         raise AuthError(f"tokens signed with {alg[:16]!r} are not accepted here")
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def mint(settings: Settings, user_id: str, *, admin: bool = False, ttl_s: int = 3600) -> str:

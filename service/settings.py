@@ -23,13 +23,21 @@ from cryptography.hazmat.primitives.serialization import (
 MAX_SCORE = 2**53 - 1
 """Largest total a Redis sorted-set score (an IEEE double) holds exactly."""
 
+MAX_JWT_AGE_S = 366 * 24 * 3600
+"""The largest SCORE_JWT_MAX_AGE: a bound meant to be hours or days, not years."""
+
 ADMIN_SCOPE = "score:admin"
 """The OAuth scope (space-separated `scope` claim) that grants the admin API."""
 
 _PLACEHOLDER_SECRETS = {"secret", "changeme", "change-me", "password", "dev", "test", "example"}
 _MIN_SECRET_BYTES = 32  # RFC 7518 3.2: an HS256 key must be at least as long as the hash
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(ms|s|m|h)\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"^\s*(\d{1,15})\s*/\s*(\d{0,15})\s*(ms|s|m|h)\s*$")
+_UNITS_US = {"ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000}
+MAX_RATE_WINDOW_US = 10 * 365 * 24 * 3600 * 1_000_000
+"""The longest a full burst may take to refill (SCORE_RATE_LIMIT's interval times
+SCORE_RATE_BURST), 10 years. The rate limit's state is a time in microseconds on Redis's clock
+plus at most this window: kept far below 2^53 (the year 2255) so that lua/submit_score-6.lua's
+arithmetic stays exact and its expiry valid for any setting that passes."""
 _MIN_RSA_BITS = 2048  # RFC 7518 3.3
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -54,6 +62,7 @@ class Settings:
     jwt_jwks_url: str | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    jwt_max_age_s: int | None = None
     rate_limit: str = "10/s"
     rate_interval_us: int = 100_000
     rate_burst: int = 20
@@ -104,6 +113,13 @@ class Settings:
         database_url = _opt(e, "DATABASE_URL") or DEFAULT_DATABASE_URL
         _check_url("DATABASE_URL", database_url, _POSTGRES_SCHEMES)
         rate_limit = e.get("SCORE_RATE_LIMIT", "10/s")
+        interval_us = _parse_rate(rate_limit)
+        burst = _int(e, "SCORE_RATE_BURST", 20, 1, 1_000_000)
+        if interval_us * burst > MAX_RATE_WINDOW_US:
+            raise ConfigError(
+                f"SCORE_RATE_LIMIT {rate_limit!r} with SCORE_RATE_BURST {burst}: a full burst "
+                "would take more than 10 years to refill; use a faster rate or a smaller burst"
+            )
         origins = _opt(e, "SCORE_LIVE_ALLOWED_ORIGINS")
         return cls(
             redis_url=redis_url,
@@ -114,9 +130,10 @@ class Settings:
             jwt_jwks_url=jwks_url,
             jwt_issuer=_opt(e, "SCORE_JWT_ISSUER"),
             jwt_audience=_opt(e, "SCORE_JWT_AUDIENCE"),
+            jwt_max_age_s=_opt_int(e, "SCORE_JWT_MAX_AGE", 1, MAX_JWT_AGE_S),
             rate_limit=rate_limit,
-            rate_interval_us=_parse_rate(rate_limit),
-            rate_burst=_int(e, "SCORE_RATE_BURST", 20, 1, 1_000_000),
+            rate_interval_us=interval_us,
+            rate_burst=burst,
             max_increase=_int(e, "SCORE_MAX_INCREASE", 1_000_000, 1, MAX_SCORE),
             top_n=_int(e, "SCORE_TOP_N", 10, 1, 1000),
             partitions=_int(e, "SCORE_PARTITIONS", 1, 1, 1024),
@@ -204,9 +221,15 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
 
 
 def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    value = _opt_int(env, name, low, high)
+    return default if value is None else value
+
+
+def _opt_int(env: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    """The integer `name` holds, from `low` to `high`; None when it is unset."""
     raw = _opt(env, name)
     if raw is None:
-        return default
+        return None
     try:
         value = int(raw)
     except ValueError:
@@ -224,7 +247,8 @@ def _parse_rate(raw: str) -> int:
             f"SCORE_RATE_LIMIT must look like '10/s', '600/m' or '5/10s', got {raw!r}"
         )
     count, multiple, unit = int(m.group(1)), int(m.group(2) or 1), m.group(3)
-    interval = round(multiple * _UNITS[unit] * 1_000_000 / count)
-    if interval < 1:
+    period_us = multiple * _UNITS_US[unit]
+    if period_us < count:
         raise ConfigError(f"SCORE_RATE_LIMIT {raw!r} is faster than one request per microsecond")
-    return interval
+    # in integers, rounded to the nearest microsecond: no float can overflow or round here
+    return (2 * period_us + count) // (2 * count)

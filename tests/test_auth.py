@@ -482,6 +482,81 @@ async def test_rotation_by_kid(idp: IdentityProvider, clock: FakeClock) -> None:
         assert idp.fetches == 3
 
 
+async def test_a_cached_token_goes_with_its_key_when_the_key_is_removed(
+    idp: IdentityProvider, clock: FakeClock
+) -> None:
+    """A 30-day token kept working from the cache after the provider removed its key."""
+    async with started(Jwks(idp.url)) as jwks:
+        auth = jwks_auth(idp.url, jwks)
+        month = int(time.time()) + 30 * 24 * 3600
+        token = sign(RSA_KEY, "RS256", claims(exp=month), kid="rsa")
+        other = sign(EC_KEY, "ES256", claims(exp=month), kid="ec")
+        first, kept = await accepted(auth, token), await accepted(auth, other)
+        assert await accepted(auth, token) is first  # cached
+        idp.keys = [k for k in idp.keys if k["kid"] != "rsa"]  # the provider drops "rsa"
+        await jwks.refresh()
+        clock.offset += 31  # the lookup of an unknown kid may refetch: it refuses all the same
+        await refused(auth, token, "unknown key id")
+        assert await accepted(auth, other) is kept  # a key still served keeps its tokens
+
+
+async def test_a_cached_token_goes_with_its_key_when_the_key_is_replaced(
+    idp: IdentityProvider,
+) -> None:
+    replacement = rsa.generate_private_key(65537, 2048)
+    async with started(Jwks(idp.url)) as jwks:
+        auth = jwks_auth(idp.url, jwks)
+        token = sign(RSA_KEY, "RS256", claims(), kid="rsa")
+        await accepted(auth, token)
+        # the same kid, other key material (a compromised key replaced in place)
+        idp.keys = [jwk(replacement, "rsa") if k["kid"] == "rsa" else k for k in idp.keys]
+        await jwks.refresh()
+        await refused(auth, token, "invalid token")
+        await accepted(auth, sign(replacement, "RS256", claims(), kid="rsa"))
+
+
+async def test_a_refresh_that_changes_nothing_keeps_the_cache(idp: IdentityProvider) -> None:
+    async with started(Jwks(idp.url)) as jwks:
+        auth = jwks_auth(idp.url, jwks)
+        tokens = [sign(key, alg, claims(), kid=kid) for alg, (key, kid) in KEYS.items()]
+        first = [await accepted(auth, t) for t in tokens]
+        idp.keys = list(reversed(idp.keys))  # the same keys, served in another order
+        await jwks.refresh()
+        assert [await accepted(auth, t) for t in tokens] == first
+        assert all([await accepted(auth, t) is p for t, p in zip(tokens, first, strict=True)])
+        assert idp.fetches == 2
+
+
+# ---- SCORE_JWT_MAX_AGE ------------------------------------------------------------------
+
+
+async def test_max_age_requires_iat_and_refuses_older_tokens() -> None:
+    auth = secret_auth(SCORE_JWT_MAX_AGE="3600")
+    now = int(time.time())
+    month = now + 30 * 24 * 3600
+    await accepted(auth, sign(SECRET, "HS256", claims(iat=now - 3500, exp=month)))
+    await refused(auth, sign(SECRET, "HS256", claims(iat=None, exp=month)), "iat")
+    old = sign(SECRET, "HS256", claims(iat=now - 3700, exp=month))
+    await refused(auth, old, "SCORE_JWT_MAX_AGE")
+    await refused(auth, sign(SECRET, "HS256", claims(iat=str(now), exp=month)), "iat")
+    await refused(auth, sign(SECRET, "HS256", claims(iat=True, exp=month)))
+    # unset: no bound, and no iat needed
+    await accepted(secret_auth(), sign(SECRET, "HS256", claims(iat=None, exp=month)))
+    await accepted(secret_auth(), sign(SECRET, "HS256", claims(iat=now - 10**7, exp=month)))
+
+
+async def test_a_cached_token_is_refused_once_it_is_older_than_max_age(clock: FakeClock) -> None:
+    auth = secret_auth(SCORE_JWT_MAX_AGE="600")
+    now = int(time.time())
+    token = sign(SECRET, "HS256", claims(iat=now, exp=now + 30 * 24 * 3600))
+    first = await accepted(auth, token)
+    assert first.expires_at == now + 600
+    clock.offset = 599
+    assert await accepted(auth, token) is first
+    clock.offset = 602
+    await refused(auth, token, "SCORE_JWT_MAX_AGE")
+
+
 async def test_unknown_kid_refetch_is_rate_limited(idp: IdentityProvider, clock: FakeClock) -> None:
     async with started(Jwks(idp.url)) as jwks:
         auth = jwks_auth(idp.url, jwks)
@@ -599,3 +674,22 @@ def test_jwks_through_the_http_api(
                 == 'Bearer realm="score-service", error="invalid_token"'
             )
         assert snapshot() == before
+
+
+def test_a_removed_key_stops_its_long_lived_tokens_through_the_http_api(
+    servers: Servers, add_users, idp: IdentityProvider
+) -> None:
+    (alice,) = add_users(count=1)
+    env = make_env(servers, SCORE_JWT_SECRET="", SCORE_JWT_JWKS_URL=idp.url)
+    with TestClient(create_app(Settings.from_env(env)), raise_server_exceptions=False) as c:
+        wait_for(lambda: c.get("/readyz").status_code == 200, 10, "the app")
+        month = int(time.time()) + 30 * 24 * 3600
+        token = sign(RSA_KEY, "RS256", claims(sub=alice, exp=month), kid="rsa")
+        headers = {"Authorization": f"Bearer {token}"}
+        body = {"user_id": alice, "score_increase": 4}
+        assert c.post("/api/v1/score", json=body, headers=headers).status_code == 200
+        idp.keys = [k for k in idp.keys if k["kid"] != "rsa"]
+        jwks = c.app.state.ctx.auth.jwks  # type: ignore[attr-defined]
+        c.portal.call(jwks.refresh)  # type: ignore[union-attr]  # the background refresh's call
+        resp = c.post("/api/v1/score", json=body, headers=headers)
+        assert_problem(resp, 401, "unknown key id")

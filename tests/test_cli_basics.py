@@ -189,6 +189,8 @@ def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     ("override", "words"),
     [
         ({"SCORE_RATE_LIMIT": "fast"}, ["SCORE_RATE_LIMIT", "'fast'"]),
+        ({"SCORE_RATE_LIMIT": "1/3000000h"}, ["SCORE_RATE_LIMIT", "SCORE_RATE_BURST"]),
+        ({"SCORE_JWT_MAX_AGE": "0"}, ["SCORE_JWT_MAX_AGE"]),
         ({"SCORE_MAX_INCREASE": "0"}, ["SCORE_MAX_INCREASE"]),
         ({"SCORE_JWT_SECRET": "secret"}, ["SCORE_JWT_SECRET"]),
         ({"SCORE_JWT_PUBLIC_KEY": "/nonexistent/key.pem"}, ["SCORE_JWT_PUBLIC_KEY", "cannot read"]),
@@ -196,8 +198,8 @@ def serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ({"REDIS_URL": "localhost:6379"}, ["REDIS_URL"]),
         ({"SCORE_JWT_SECRET": ""}, ["no JWT key source"]),
     ],
-    ids=["rate", "max increase", "placeholder secret", "key file", "jwks url", "redis url",
-         "no key source"],
+    ids=["rate", "rate window", "max age", "max increase", "placeholder secret", "key file",
+         "jwks url", "redis url", "no key source"],
 )  # fmt: skip
 def test_serve_refuses_bad_configuration(env, override: dict[str, str], words: list[str]) -> None:
     refused(serve({**env, **override}), *words)

@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from service.settings import ConfigError, Settings
+from service.settings import MAX_RATE_WINDOW_US, ConfigError, Settings
 
 SECRET = "s" * 40
 
@@ -40,6 +40,7 @@ def refused(env: dict[str, str], *words: str) -> str:
 
 def test_defaults() -> None:
     s = Settings.from_env({"SCORE_JWT_SECRET": SECRET})
+    assert s.jwt_max_age_s is None  # no bound on a token's age unless asked
     assert s.redis_url == "redis://localhost:6379/0"
     assert s.database_url == "postgresql://localhost/score_service"
     assert (s.rate_interval_us, s.rate_burst, s.max_increase) == (100_000, 20, 1_000_000)
@@ -67,8 +68,10 @@ def test_every_variable_is_read() -> None:
             "SCORE_MAX_INCREASE": "100",
             "SCORE_TOP_N": "25",
             "SCORE_PARTITIONS": "8",
+            "SCORE_JWT_MAX_AGE": "3600",
         }
     )
+    assert s.jwt_max_age_s == 3600
     assert s.redis_url == "redis://cache:6380/2"
     assert s.database_url == "postgresql://db/scores"
     assert s.jwt_jwks_url == "https://idp.example/.well-known/jwks.json"
@@ -102,9 +105,24 @@ def test_bad_rate_limit_is_refused(rate: str) -> None:
     refused({"SCORE_JWT_SECRET": SECRET, "SCORE_RATE_LIMIT": rate}, "SCORE_RATE_LIMIT")
 
 
+def test_a_rate_limit_the_hot_path_cannot_run_is_refused_at_startup() -> None:
+    """`1/3000000h` once passed startup and made every request a 500 (the Lua refuses an
+    interval past 2^53-1 us). The bound is the time a full burst takes to refill."""
+    env = {"SCORE_JWT_SECRET": SECRET}
+    refused({**env, "SCORE_RATE_LIMIT": "1/3000000h"}, "SCORE_RATE_LIMIT", "SCORE_RATE_BURST")
+    slowest = {**env, "SCORE_RATE_LIMIT": "1/87600h", "SCORE_RATE_BURST": "1"}  # 10 years
+    assert Settings.from_env(slowest).rate_interval_us == MAX_RATE_WINDOW_US
+    refused({**slowest, "SCORE_RATE_BURST": "2"}, "10 years")
+    refused({**env, "SCORE_RATE_LIMIT": "1/1000000000000000h"}, "SCORE_RATE_LIMIT")
+    refused({**env, "SCORE_RATE_LIMIT": "1" * 5000 + "/s"}, "SCORE_RATE_LIMIT")  # no traceback
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("SCORE_JWT_MAX_AGE", "0"),
+        ("SCORE_JWT_MAX_AGE", "1h"),
+        ("SCORE_JWT_MAX_AGE", str(366 * 24 * 3600 + 1)),
         ("SCORE_RATE_BURST", "0"),
         ("SCORE_RATE_BURST", "many"),
         ("SCORE_MAX_INCREASE", "0"),
