@@ -141,5 +141,7 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
                 ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"
         except Exception as exc:  # the rebuild failed (Postgres down?): keep trying
             log.warning("could not make Redis ready: %s", exc)
-            ctx.not_ready_reason = f"rebuild failed: {exc}"
+            # clients see the reason (/readyz, 503s): the error's type only, never its text,
+            # which may name a host and port; the log above has it all
+            ctx.not_ready_reason = f"rebuild failed: {type(exc).__name__}"
         await asyncio.sleep(READY_POLL_S)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import msgspec
@@ -15,6 +16,8 @@ from starlette.responses import Response
 from service import persister_lag
 from service.context import Context
 from service.models import encoder
+
+log = logging.getLogger(__name__)
 
 PG_CHECK_TIMEOUT_S = 1.0
 
@@ -34,11 +37,16 @@ async def healthz(request: Request) -> Response:
 
 
 async def postgres_status(ctx: Context) -> str:
-    """ "ok", or "down: <why>" when Postgres does not answer within a second."""
+    """ "ok", or "down: <error type>" when Postgres does not answer within a second.
+
+    /readyz is public: the error's text (psycopg's names the server's host and port) goes to
+    the log only.
+    """
     try:
         async with asyncio.timeout(PG_CHECK_TIMEOUT_S), ctx.pg.connection() as conn:
             await conn.execute("SELECT 1")
     except Exception as exc:  # any failure is "down": reported, not raised
+        log.info("readiness: Postgres is down: %s", exc)
         return f"down: {type(exc).__name__}"
     return "ok"
 
