@@ -502,6 +502,27 @@ def test_a_retry_with_the_same_idempotency_key_adds_once(client, add_users, toke
     assert r.xlen(events) == 1
 
 
+def test_a_replay_returns_the_first_responses_rank_not_todays(client, add_users, token, r) -> None:
+    alice, bob = add_users(count=2)
+    headers = {**bearer(token(alice)), "Idempotency-Key": "rank-1"}
+    body = {"user_id": alice, "score_increase": 5}
+    first = client.post("/api/v1/score", json=body, headers=headers)
+    assert (first.json()["new_score"], first.json()["rank"]) == (5, 1)
+    passed = client.post(
+        "/api/v1/score", json={"user_id": bob, "score_increase": 9}, headers=bearer(token(bob))
+    )
+    assert passed.json()["rank"] == 1  # bob is ahead of alice now
+    again = client.post("/api/v1/score", json=body, headers=headers)
+    assert again.json() == first.json()  # rank 1, as the first response said
+    assert again.headers["idempotent-replayed"] == "true"
+    # a record restored by a rebuild (from the ledger) does not know the first rank: none
+    record = KeySchema(1).for_user(alice).idempotency(alice, "rank-1")
+    r.set(record, "5:5")
+    restored = client.post("/api/v1/score", json=body, headers=headers)
+    assert restored.status_code == 200 and restored.json()["new_score"] == 5
+    assert "rank" not in restored.json()
+
+
 def test_an_idempotency_key_reused_with_another_body_is_422(
     client, add_users, token, snapshot
 ) -> None:
