@@ -26,9 +26,15 @@ def submit(
     delta: int,
     key: str | None = None,
 ) -> SubmitResult:
-    """One increment through submit_score, as an operator (no rate limit)."""
+    """One increment through submit_score: as an operator (no rate limit) without a key; with
+    a key, as the player (the key in the players' namespace, as a game client sends it)."""
     call = prepare_submit(
-        settings, KeySchema(settings.partitions), user_id, delta, idempotency_key=key, operator=True
+        settings,
+        KeySchema(settings.partitions),
+        user_id,
+        delta,
+        idempotency_key=key,
+        operator=key is None,
     )
     return SyncScripts(client).submit(call)
 
