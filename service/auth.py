@@ -71,12 +71,16 @@ class _Verified:
 
 
 def _same_key(a: jwt.PyJWK, b: jwt.PyJWK) -> bool:
-    """Whether two JWKs hold the same key material for the same algorithm and use."""
-    return (a.algorithm_name, a.public_key_use, _material(a.key)) == (
-        b.algorithm_name,
-        b.public_key_use,
-        _material(b.key),
-    )
+    """Whether two JWKs hold the same key material for the same algorithm and use (when in
+    doubt, they do not: the tokens of a key taken for new are verified again, no more)."""
+    try:
+        return (a.algorithm_name, a.public_key_use, _material(a.key)) == (
+            b.algorithm_name,
+            b.public_key_use,
+            _material(b.key),
+        )
+    except (AttributeError, TypeError, ValueError):  # a key type without a DER form
+        return False
 
 
 def _material(key: Any) -> bytes:
