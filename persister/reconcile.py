@@ -164,7 +164,9 @@ def _check_members(
         scores, last = pipe.execute()
         waiting.advance(client, last_entry_id(last), pause.renew)
         postgres = _postgres_scores(conn, members)
-        unknown = [m for m, s in zip(members, scores, strict=True) if s and m not in postgres]
+        unknown = [
+            m for m, s in zip(members, scores, strict=True) if s is not None and m not in postgres
+        ]
         # outside the snapshot: provisioned since it was taken (Postgres first, then Redis)
         since = set(_postgres_scores(now, unknown)) if unknown else set()
         report.provisioned_since += len(since)

@@ -22,7 +22,7 @@ from service.app import create_app
 from service.devservers import wait_for
 from service.keys import KeySchema
 from service.persister_lag import PERSISTER_GROUP
-from service.scripts import Status, SwapStep, Swapped, SyncScripts
+from service.scripts import Status, Swapped, SwapStep, SyncScripts
 from service.settings import Settings
 
 
