@@ -414,3 +414,29 @@ def test_after_a_flushall_an_existing_user_gets_only_200_or_503_until_rebuilt(
 
     assert set(statuses) == {200, 503}, statuses
     assert set(reads) == {503, 200}, reads
+
+
+def test_a_user_provisioned_while_redis_is_rebuilt_gets_503_then_its_score_never_404(
+    settings: Settings, r: redis.Redis, add_users, token
+) -> None:
+    add_users(count=2)
+    gate = threading.Event()
+
+    def gated_rebuild(s: Settings) -> None:
+        gate.wait(30)
+        rebuild_if_missing(s)
+
+    admin = {"Authorization": f"Bearer {token('ops', admin=True)}"}
+    body = {"user_id": "newbie", "score_increase": 7}
+    player = {"Authorization": f"Bearer {token('newbie')}"}
+    with TestClient(create_app(settings, rebuild=gated_rebuild)) as client:
+        r.flushall()  # a wiped Redis: the rebuild waits at the gate
+        wait_for(lambda: client.get("/readyz").status_code == 503, 10, "the wipe to be seen")
+        created = client.post("/api/v1/admin/users", json={"user_ids": ["newbie"]}, headers=admin)
+        assert created.status_code == 200 and created.json()["created"] == 1
+        assert client.post("/api/v1/score", json=body, headers=player).status_code == 503
+        assert client.get("/api/v1/users/newbie").status_code == 503
+        gate.set()
+        wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the rebuild")
+        assert client.post("/api/v1/score", json=body, headers=player).json()["new_score"] == 7
+        assert client.get("/api/v1/users/newbie").json()["score"] == 7
