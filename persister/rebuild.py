@@ -163,11 +163,16 @@ def _begin(client: redis.Redis, keys: PartitionKeys, token: str) -> str:
     """Mark a rebuild of the partition in progress from the stream's last id, with an empty
     rebuilt leaderboard; that id."""
     upto = last_entry_id(client.xrevrange(keys.events, "+", "-", 1))
-    pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.rebuilt_leaderboard)  # left by a rebuild that failed
-    pipe.delete(keys.rebuild_progress)
-    pipe.hset(keys.rebuild_progress, mapping={"token": token, "upto": upto})
-    resent(pipe.execute)  # the same values again: safe to resend
+
+    def begin() -> None:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(keys.rebuilt_leaderboard)  # left by a rebuild that failed
+        pipe.delete(keys.rebuild_progress)
+        pipe.hset(keys.rebuild_progress, mapping={"token": token, "upto": upto})
+        pipe.execute()
+
+    # safe to send again: a user provisioned in between is in the snapshot, taken after this
+    resent(begin)
     return upto
 
 
