@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import random
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -15,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from conftest import Servers
+from conftest import Servers, make_env
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
@@ -440,3 +442,88 @@ def test_a_user_provisioned_while_redis_is_rebuilt_gets_503_then_its_score_never
         wait_for(lambda: client.get("/readyz").status_code == 200, 30, "the rebuild")
         assert client.post("/api/v1/score", json=body, headers=player).json()["new_score"] == 7
         assert client.get("/api/v1/users/newbie").json()["score"] == 7
+
+
+# -- all of it at once: the test that would have found them -------------------------------------
+
+
+def test_rebuilds_and_repairs_amid_traffic_draining_and_provisioning_lose_and_double_nothing(
+    servers: Servers, r: redis.Redis, pg: psycopg.Connection
+) -> None:
+    settings = Settings.from_env(make_env(servers, SCORE_PARTITIONS="2"))
+    schema = KeySchema(2)
+    r.mset(dict.fromkeys(schema.ready_markers, "1"))
+    users = [f"u-{i}" for i in range(40)]
+    with psycopg.connect(servers.postgres.url) as conn:
+        provision_sync(conn, r, schema, settings.top_n, users)
+    provisioned: list[str] = []  # appended once its provisioning call has returned
+    ledgers: list[Counter[str]] = []
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def writer(seed: int) -> None:
+        acked: Counter[str] = Counter()
+        ledgers.append(acked)
+        rng = random.Random(seed)
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            while not stop.is_set():
+                user = rng.choice(users + provisioned[-20:])
+                delta = rng.randint(1, 9)
+                status = submit(settings, client, user, delta).status
+                if status is Status.OK:
+                    acked[user] += delta
+                else:
+                    problems.append(f"{user}: {status.name}")
+        finally:
+            client.close()
+
+    def provisioner() -> None:
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            with psycopg.connect(servers.postgres.url) as conn:
+                for i in itertools.count():
+                    if stop.is_set():
+                        return
+                    provision_sync(conn, client, schema, settings.top_n, [f"new-{i}"])
+                    provisioned.append(f"new-{i}")
+        finally:
+            client.close()
+
+    def drainer() -> None:
+        p = Persister(settings)
+        try:
+            while not stop.is_set():
+                for partition in range(2):
+                    p.drain(partition, budget_s=0.2, wait_s=0.2)
+        finally:
+            p.close()
+
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(2)]
+    threads += [threading.Thread(target=provisioner), threading.Thread(target=drainer)]
+    for thread in threads:
+        thread.start()
+    try:
+        for round_ in range(3):
+            wait_for(lambda n=round_: len(provisioned) > 10 * (n + 1), 30, "provisioning")
+            assert rebuild(settings, force=True) is not None
+            during = reconcile(settings, repair=True)  # nothing to repair, nobody removed
+            assert during.clean and not during.repaired, render(during)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+
+    p = Persister(settings)
+    try:
+        for partition in range(2):
+            p.drain(partition)
+    finally:
+        p.close()
+    everyone = users + provisioned
+    expected = dict.fromkeys(everyone, 0) | dict(sum(ledgers, Counter()))
+    assert not problems, problems[:10]
+    assert pg_scores(pg, everyone) == expected
+    assert redis_totals(settings, r, everyone) == expected
+    report = reconcile(settings, repair=False)
+    assert report.clean, render(report)
