@@ -126,12 +126,19 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
     itself, and it comes back with its data.
     """
     markers = ctx.schema.ready_markers
+    # Without a rebuild hook (an app embedded in tests), a new Redis is taken as it is, once;
+    # one that loses its data later stays not ready until someone runs a rebuild.
+    adopt = rebuild is None
     while True:
         try:
             if await ctx.redis.exists(*markers) == len(markers):
                 ctx.ready, ctx.not_ready_reason = True, ""
-            elif rebuild is None:  # no Postgres to rebuild from (tests): Redis is the truth
+            elif adopt:
                 await ctx.redis.mset(dict.fromkeys(markers, "1"))
+                adopt = False
+                continue
+            elif rebuild is None:
+                ctx.ready, ctx.not_ready_reason = False, "Redis lost its data: rebuild it"
             else:
                 if ctx.ready:
                     log.warning("Redis holds no leaderboards any more: rebuilding from Postgres")

@@ -444,6 +444,20 @@ def test_a_user_provisioned_while_redis_is_rebuilt_gets_503_then_its_score_never
         assert client.get("/api/v1/users/newbie").json()["score"] == 7
 
 
+def test_admin_adjustments_after_a_flushall_get_503_not_unknown_user(
+    settings: Settings, r: redis.Redis, add_users, token
+) -> None:
+    (alice,) = add_users(count=1)
+    admin = {"Authorization": f"Bearer {token('ops', admin=True)}"}
+    item = {"user_id": alice, "delta": 5, "idempotency_key": "fix-1"}
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_for(lambda: client.get("/readyz").status_code == 200, 10, "the app")
+        r.flushall()  # before the readiness poll notices: the Lua call itself says NOT_READY
+        resp = client.post("/api/v1/admin/scores", json={"adjustments": [item]}, headers=admin)
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["retry-after"] == "1"
+
+
 # -- all of it at once: the test that would have found them -------------------------------------
 
 

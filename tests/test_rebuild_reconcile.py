@@ -143,6 +143,7 @@ def test_after_a_wipe_a_retry_of_a_request_made_before_it_is_a_replay(
 
     assert done is not None and done.records == 1
     assert r.get(record) == b"5:5"  # exactly what the hot path wrote
+    wait_for(lambda: client.get("/readyz").status_code == 200, 10, "readiness")
     assert 0 < r.pttl(record) <= settings.idempotency_ttl_s * 1000
     retry = client.post("/api/v1/score", json=body, headers=keyed)
     assert retry.status_code == 200 and retry.json()["new_score"] == 5  # the first result
