@@ -153,7 +153,7 @@ def provision(stack_env: dict[str, str], redis_url: str, database_url: str, ids:
                 chunk = ids[start : start + PROVISION_CHUNK]
                 provision_sync(conn, client, KeySchema(1), 10, chunk)
         # Redis now holds what Postgres holds: no rebuild needed when the service starts
-        client.set(KeySchema(1).ready_marker, "1")
+        client.mset(dict.fromkeys(KeySchema(1).ready_markers, "1"))
     finally:
         client.close()
 

@@ -1,18 +1,25 @@
 """`score-service reconcile [--repair]`: does every user's score in Redis equal Postgres's?
 
 Redis's total for a user must equal Postgres's score plus the user's increments not yet
-committed (see persister.unpersisted). The persister is paused while reconcile reads; the hot
+committed (see persister.unpersisted). The persister is paused before the Postgres snapshot is
+opened (so no flush commits between the two), and stays paused while reconcile reads; the hot
 path is not, so each chunk of users is read in one MULTI with the stream's last id, and only
-the increments up to that id are counted for them.
+the increments up to that id are counted for them. A member of a leaderboard that the snapshot
+does not know is looked up again outside it: a user provisioned since is not drift (its
+score is not checked by this run).
 
 It also checks the ledger: each user's score equals the sum of that user's events.
 `--repair` makes Redis agree with Postgres, by increments (ZINCRBY), which commute with the
-hot path's own updates.
+hot path's own updates; each chunk of corrections is one Lua call that records a token with
+them (lua/repair_scores-2.lua), so a call sent again after a lost reply changes nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import time
+import uuid
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import cast
@@ -21,6 +28,7 @@ import psycopg
 import redis
 
 from persister.locks import Pause, paused
+from persister.resend import resent
 from persister.unpersisted import Unpersisted, last_entry_id, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema
@@ -29,6 +37,8 @@ from service.settings import Settings
 
 CHUNK = 1000
 SHOWN = 10
+REPAIR_MARK_TTL_S = 24 * 3600
+"""A repaired chunk's token is kept this long: far longer than any resend of it."""
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -63,6 +73,8 @@ class Report:
     ledger: list[tuple[str, int, int]] = field(default_factory=list)
     """Users whose score is not the sum of their events: (user, score, sum of events)."""
     repaired: int = 0
+    provisioned_since: int = 0
+    """Members Postgres has, but not in the snapshot: provisioned while reconcile ran."""
     seconds: float = 0.0
 
     @property
@@ -78,12 +90,14 @@ def reconcile(settings: Settings, *, repair: bool) -> Report:
     report = Report(settings.partitions)
     try:
         with (
-            psycopg.connect(settings.database_url, connect_timeout=5) as conn,
             paused(client, schema) as pause,
+            psycopg.connect(settings.database_url, connect_timeout=5) as conn,
+            psycopg.connect(settings.database_url, connect_timeout=5, autocommit=True) as now,
         ):
-            # one snapshot for the ledger and the scores: a batch whose commit lands while we
-            # read is in both or in neither (see Persister._persist)
+            # one snapshot for the ledger and the scores, opened only once paused: a flush
+            # that was committing has committed and acknowledged, and no other will
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.execute("SELECT 1")
             waiting = {
                 k.index: read_unpersisted(client, conn, k, pause.renew) for k in schema.all()
             }
@@ -91,7 +105,13 @@ def reconcile(settings: Settings, *, repair: bool) -> Report:
             in_redis: set[str] = set()
             for keys in schema.all():
                 _check_members(
-                    client, conn, waiting[keys.index], in_redis=in_redis, report=report, pause=pause
+                    client,
+                    conn,
+                    now,
+                    waiting[keys.index],
+                    in_redis=in_redis,
+                    report=report,
+                    pause=pause,
                 )
             _check_missing(
                 client, conn, schema, waiting, in_redis=in_redis, report=report, pause=pause
@@ -124,6 +144,7 @@ def _postgres_scores(conn: Conn, user_ids: list[str]) -> dict[str, int]:
 def _check_members(
     client: redis.Redis,
     conn: Conn,
+    now: Conn,
     waiting: Unpersisted,
     *,
     in_redis: set[str],
@@ -143,8 +164,14 @@ def _check_members(
         scores, last = pipe.execute()
         waiting.advance(client, last_entry_id(last), pause.renew)
         postgres = _postgres_scores(conn, members)
+        unknown = [
+            m for m, s in zip(members, scores, strict=True) if s is not None and m not in postgres
+        ]
+        # outside the snapshot: provisioned since it was taken (Postgres first, then Redis)
+        since = set(_postgres_scores(now, unknown)) if unknown else set()
+        report.provisioned_since += len(since)
         for user_id, stored in zip(members, scores, strict=True):
-            if stored is None:  # removed since the scan (a repair, a rebuild)
+            if stored is None or user_id in since:  # removed since the scan; new since the snapshot
                 continue
             in_redis.add(user_id)
             report.users += 1
@@ -206,23 +233,31 @@ def _ledger_mismatches(conn: Conn) -> list[tuple[str, int, int]]:
 
 
 def _repair(client: redis.Redis, schema: KeySchema, drift: list[Drift], top_n: int) -> int:
-    touched: set[int] = set()
-    pipe = client.pipeline(transaction=False)
-    for d in drift:
-        keys = schema.all()[d.partition]
-        if d.postgres is None:
-            pipe.zrem(keys.leaderboard, d.user_id)
-        elif d.redis is None:
-            pipe.zadd(keys.leaderboard, {d.user_id: -d.expected}, nx=True)
-        else:
-            # stored negated: adding the difference takes the total down by it
-            pipe.zincrby(keys.leaderboard, d.difference, d.user_id)
-        touched.add(d.partition)
-    pipe.execute()
+    """Apply the corrections, a chunk per Lua call, each at most once (resent on a lost
+    reply); the number of users corrected."""
     scripts = SyncScripts(client)
-    for index in sorted(touched):
-        scripts.publish_top(schema.all()[index], top_n)
+    corrections: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for d in drift:
+        corrections[d.partition].append(_correction(d))
+    for index, todo in sorted(corrections.items()):
+        keys = schema.all()[index]
+        for i in range(0, len(todo), CHUNK):
+            chunk = functools.partial(
+                scripts.repair, keys, uuid.uuid4().hex, REPAIR_MARK_TTL_S, todo[i : i + CHUNK]
+            )
+            resent(chunk)  # None when a lost reply's call had applied it: the same outcome
+        scripts.publish_top(keys, top_n)
     return len(drift)
+
+
+def _correction(d: Drift) -> tuple[str, str, int]:
+    """(op, user_id, value) for lua/repair_scores-2.lua, in the ZSET's terms (-total)."""
+    if d.postgres is None:
+        return ("rem", d.user_id, 0)
+    if d.redis is None:
+        return ("add", d.user_id, -d.expected)
+    # stored negated: adding the difference takes the total down by it
+    return ("incr", d.user_id, d.difference)
 
 
 def render(report: Report) -> str:
@@ -257,6 +292,10 @@ def render(report: Report) -> str:
         )
         for user_id, score, total in report.ledger[:SHOWN]:
             lines.append(f"  {user_id:<32} score {score}, events sum to {total}")
+    if report.provisioned_since:
+        lines.append(
+            f"{report.provisioned_since} user(s) provisioned while reconcile ran: not checked"
+        )
     if report.repaired:
         lines.append(f"repaired: Redis now agrees with Postgres for {report.repaired} user(s)")
     return "\n".join(lines)

@@ -71,15 +71,18 @@ def read_unpersisted(
     conn: psycopg.Connection[tuple[object, ...]],
     keys: PartitionKeys,
     keep_alive: KeepAlive,
+    *,
+    up_to: str | None = None,
 ) -> Unpersisted:
-    """The partition's unpersisted increments now. The persister must be paused;
-    `keep_alive` renews the pause between pages (a backlog can be long)."""
+    """The partition's unpersisted increments now, up to the stream id `up_to` (default: the
+    stream's last). The persister must be paused; `keep_alive` renews the pause between pages
+    (a backlog can be long)."""
     pipe = client.pipeline(transaction=True)
     pipe.xrevrange(keys.events, "+", "-", 1)
     pipe.xinfo_groups(keys.events)
     pipe.xpending(keys.events, PERSISTER_GROUP)
     last, groups, summary = pipe.execute(raise_on_error=False)
-    result = Unpersisted(keys, last_entry_id(last))
+    result = Unpersisted(keys, up_to or last_entry_id(last))
     if result.last_id == EMPTY:
         return result
     group = None

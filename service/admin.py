@@ -37,6 +37,7 @@ from service.scores import (
     BEARER_CHALLENGE,
     IDEMPOTENCY_KEY,
     decode_json,
+    not_ready,
     read_body,
     refuse_declared_oversize,
 )
@@ -75,9 +76,7 @@ async def post_users(request: Request) -> Response:
     user_ids = list(dict.fromkeys(wanted.user_ids))
     try:
         async with redis_unavailable(), ctx.pg.connection() as conn:
-            created = await provision(
-                conn, ctx.redis, ctx.scripts, ctx.schema, ctx.settings.top_n, user_ids
-            )
+            created = await provision(conn, ctx.scripts, ctx.schema, ctx.settings.top_n, user_ids)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         raise ApiError(
             503,
@@ -118,6 +117,8 @@ async def post_scores(request: Request) -> Response:
                 operator=True,
             )
             result = await ctx.scripts.submit(call)
+            if result.status is Status.NOT_READY:
+                raise not_ready()  # the items before it are applied: the batch can be re-sent
             done = result.status in (Status.OK, Status.REPLAY)
             results.append(
                 AdjustmentResult(

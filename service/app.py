@@ -76,7 +76,7 @@ def create_app(
         with contextlib.suppress(redis.exceptions.RedisError):
             # ready from the first request when Redis holds the leaderboards: uvicorn accepts
             # connections only once this startup is done
-            ctx.ready = bool(await client.exists(ctx.schema.ready_marker))
+            ctx.ready = await client.exists(*ctx.schema.ready_markers) == ctx.settings.partitions
         readiness = asyncio.create_task(keep_ready(ctx, rebuild))
         await live.start()
         unhook_signals = hook_shutdown_signals(live)
@@ -118,18 +118,27 @@ def create_app(
 async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
     """Say through `ctx.ready` whether Redis holds the leaderboards, for as long as we run.
 
-    Redis without its ready marker (new, or it lost its data while we run: a restart without
-    its AOF, a failover to an empty replica) is rebuilt from Postgres; until then requests
-    get 503, never a 404 for a user who exists. A Redis that is merely down changes nothing
-    here: requests get 503 from the Redis error itself, and it comes back with its data.
+    Redis without a partition's ready marker (new, or it lost its data while we run: a
+    restart without its AOF, a failover to an empty replica) is rebuilt from Postgres; until
+    then requests get 503, never a 404 for a user who exists. (Between a wipe and the next
+    poll the hot path's own Lua call sees the marker missing and answers NOT_READY: 503.)
+    A Redis that is merely down changes nothing here: requests get 503 from the Redis error
+    itself, and it comes back with its data.
     """
-    marker = ctx.schema.ready_marker
+    markers = ctx.schema.ready_markers
+    # Without a rebuild hook (an app embedded in tests), a new Redis is taken as it is, once;
+    # one that loses its data later stays not ready until someone runs a rebuild.
+    adopt = rebuild is None
     while True:
         try:
-            if await ctx.redis.exists(marker):
+            if await ctx.redis.exists(*markers) == len(markers):
                 ctx.ready, ctx.not_ready_reason = True, ""
+            elif adopt:
+                await ctx.redis.mset(dict.fromkeys(markers, "1"))
+                adopt = False
+                continue
             elif rebuild is None:
-                await ctx.redis.set(marker, "1")
+                ctx.ready, ctx.not_ready_reason = False, "Redis lost its data: rebuild it"
             else:
                 if ctx.ready:
                     log.warning("Redis holds no leaderboards any more: rebuilding from Postgres")

@@ -87,6 +87,23 @@ class PartitionKeys:
         """ZSET a rebuild fills before it replaces `leaderboard` with it (same hash tag)."""
         return f"{PREFIX}:{self.tag}:leaderboard:rebuilt"
 
+    @property
+    def rebuild_progress(self) -> str:
+        """HASH token, upto: a rebuild of this partition is in progress, and how far its
+        rebuilt leaderboard has caught up with the events stream (lua/swap_leaderboard-5.lua)."""
+        return f"{PREFIX}:{self.tag}:leaderboard:rebuilt:progress"
+
+    @property
+    def ready(self) -> str:
+        """STRING set once Redis holds this partition's leaderboard (by the swap of a rebuild,
+        to its token). Missing (a new or wiped Redis): the hot path answers NOT_READY, and the
+        service rebuilds from Postgres."""
+        return f"{PREFIX}:{self.tag}:ready"
+
+    def repair_applied(self, token: str) -> str:
+        """STRING: a chunk of `reconcile --repair` corrections was applied (at most once)."""
+        return f"{PREFIX}:{self.tag}:repair:{token}"
+
     def rate(self, user_id: str) -> str:
         """STRING: the user's GCRA theoretical arrival time."""
         return f"{PREFIX}:{self.tag}:rate:{user_id}"
@@ -110,12 +127,10 @@ class KeySchema:
         return PartitionKeys(partition_of(user_id, self.partitions))
 
     @property
-    def ready_marker(self) -> str:
-        """STRING set once Redis holds the leaderboards (by a rebuild, or on a new deployment).
-
-        A Redis without it (new, wiped) must be rebuilt from Postgres before serving.
-        """
-        return f"{PREFIX}:ready"
+    def ready_markers(self) -> list[str]:
+        """Every partition's ready marker. A Redis without one of them (new, wiped) must be
+        rebuilt from Postgres before serving."""
+        return [p.ready for p in self.all()]
 
     @property
     def rebuild_lock(self) -> str:

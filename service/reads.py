@@ -15,6 +15,7 @@ from service.errors import ApiError
 from service.leaderboard import build
 from service.models import Leaderboard, UserId, UserScore, encoder
 from service.redis_errors import redis_unavailable, refuse_until_ready
+from service.scores import not_ready
 from service.tops import read_tops
 
 
@@ -50,8 +51,16 @@ async def get_user(request: Request) -> Response:
     except msgspec.ValidationError as exc:
         raise ApiError(400, f"invalid user_id: {exc}") from None
     refuse_until_ready(ctx)
+    keys = ctx.schema.for_user(user_id)
     async with redis_unavailable():
-        stored = await ctx.redis.zscore(ctx.schema.for_user(user_id).leaderboard, user_id)
+        # the marker with the score, in one step: a Redis wiped since the last readiness poll
+        # has neither, and that is a 503, not a 404
+        pipe = ctx.redis.pipeline(transaction=True)
+        pipe.exists(keys.ready)
+        pipe.zscore(keys.leaderboard, user_id)
+        ready, stored = await pipe.execute()
+        if not ready:
+            raise not_ready()
         if stored is None:
             raise ApiError(404, f"user {user_id!r} not found")
         # rank = 1 + users with a strictly higher score, in every partition (scores negated)

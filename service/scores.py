@@ -20,7 +20,7 @@ from service.auth import AuthError
 from service.context import Context
 from service.errors import ApiError
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import redis_unavailable, refuse_until_ready
+from service.redis_errors import RETRY_AFTER_S, redis_unavailable, refuse_until_ready
 from service.scripts import Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
 
@@ -86,6 +86,16 @@ def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T])
         raise ApiError(400, "the request body is nested too deeply") from None
 
 
+def not_ready() -> ApiError:
+    """503 for a NOT_READY reply: the partition's ready marker is gone (Redis lost its data)
+    and the service is rebuilding it; an existing user must not be told 404 meanwhile."""
+    return ApiError(
+        503,
+        "the service is not ready (rebuilding Redis from Postgres); retry shortly",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
     """IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) and Retry-After."""
     s = ctx.settings
@@ -140,8 +150,10 @@ async def _post_score(request: Request) -> Response:
     refuse_until_ready(ctx)
     async with redis_unavailable():
         result = await ctx.scripts.submit(call)
-    headers = rate_headers(ctx, result)
     status = result.status
+    if status is Status.NOT_READY:
+        raise not_ready()
+    headers = rate_headers(ctx, result)
     if status is Status.RATE_LIMITED:
         raise ApiError(429, "too many score updates: retry after the Retry-After delay", headers)
     if status is Status.UNKNOWN_USER:

@@ -1,6 +1,6 @@
 """Lua scripts: loaded once, called by EVALSHA through typed wrappers.
 
-A script's file name carries its key count (`submit_score-6.lua`); the loader reads it and
+A script's file name carries its key count (`submit_score-7.lua`); the loader reads it and
 every call checks it, so a caller that passes the wrong keys fails loudly, not subtly.
 """
 
@@ -32,7 +32,7 @@ FLUSH_FLAG_TTL_S = 10
 
 
 class Status(IntEnum):
-    """Outcomes of submit_score (mirrors the status codes in lua/submit_score-6.lua)."""
+    """Outcomes of submit_score (mirrors the status codes in lua/submit_score-7.lua)."""
 
     OK = 0
     REPLAY = 1
@@ -40,6 +40,8 @@ class Status(IntEnum):
     UNKNOWN_USER = 3
     OUT_OF_RANGE = 4
     IDEMPOTENCY_MISMATCH = 5
+    NOT_READY = 6
+    """The partition's ready marker is missing (a new or wiped Redis): 503 until rebuilt."""
 
 
 class SubmitResult(msgspec.Struct, frozen=True):
@@ -106,7 +108,7 @@ def prepare_submit(
         stored_idempotency_key(idempotency_key, operator=operator) if idempotency_key else ""
     )
     idem = p.idempotency(user_id, stored_key)
-    keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag]
+    keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag, p.ready]
     args: list[str | int] = [
         user_id,
         delta,
@@ -138,12 +140,31 @@ def parse_submit(reply: list[Any]) -> SubmitResult:
     )
 
 
+class Swapped(IntEnum):
+    """What one call of swap_leaderboard did (mirrors lua/swap_leaderboard-5.lua)."""
+
+    NOT_YET = 0
+    """It replayed a chunk; entries may remain."""
+    NOW = 1
+    ALREADY = 2
+    """A repeated call after a lost reply: the swap had been made."""
+
+
+class SwapStep(msgspec.Struct, frozen=True):
+    """The reply of one swap_leaderboard call."""
+
+    swapped: Swapped
+    replayed: int
+    scanned: int
+
+
 class Scripts:
     """The project's scripts registered on one asyncio Redis client."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
+        self._provision = _Registered("provision_users", client)
         # The submits of all concurrent requests share one round trip (service/batching.py).
         self._pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
 
@@ -166,6 +187,11 @@ class Scripts:
         """Append the partition's current top-N to its top stream; the new version."""
         return _text(await self._publish.script(**_publish_call(self._publish, keys, top_n)))
 
+    async def provision(self, keys: PartitionKeys, user_ids: list[str]) -> int:
+        """Add users at 0 to the partition's leaderboard (and to the rebuilt one while a rebuild
+        runs); how many were new."""
+        return int(await self._provision.script(**_provision_call(self._provision, keys, user_ids)))
+
 
 class SyncScripts:
     """The same scripts on a blocking client (CLI, persister, tests)."""
@@ -174,6 +200,8 @@ class SyncScripts:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
         self._swap = _Registered("swap_leaderboard", client)
+        self._provision = _Registered("provision_users", client)
+        self._repair = _Registered("repair_scores", client)
 
     def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
@@ -184,11 +212,33 @@ class SyncScripts:
         """Append the partition's current top-N to its top stream; the new version."""
         return _text(self._publish.script(**_publish_call(self._publish, keys, top_n)))
 
-    def swap_leaderboard(self, keys: PartitionKeys, last_id: str) -> int:
-        """Swap the partition's rebuilt leaderboard in, replaying the increments accepted
-        after stream id `last_id`; the number replayed."""
-        call = self._swap.checked([keys.rebuilt_leaderboard, keys.leaderboard, keys.events])
-        return int(self._swap.script(keys=call, args=[last_id]))
+    def swap_leaderboard(self, keys: PartitionKeys, token: str, chunk: int) -> SwapStep:
+        """Replay up to `chunk` increments accepted during rebuild `token` onto the partition's
+        rebuilt leaderboard; once caught up, swap it in and set the ready marker. Safe to call
+        again after a lost reply."""
+        call = self._swap.checked(
+            [keys.rebuilt_leaderboard, keys.leaderboard, keys.events, keys.rebuild_progress,
+             keys.ready]
+        )  # fmt: skip
+        swapped, replayed, scanned = self._swap.script(keys=call, args=[token, chunk])
+        return SwapStep(Swapped(swapped), int(replayed), int(scanned))
+
+    def provision(self, keys: PartitionKeys, user_ids: list[str]) -> int:
+        """Add users at 0 to the partition's leaderboard (and to the rebuilt one while a rebuild
+        runs); how many were new."""
+        return int(self._provision.script(**_provision_call(self._provision, keys, user_ids)))
+
+    def repair(
+        self, keys: PartitionKeys, token: str, ttl_s: int, corrections: list[tuple[str, str, int]]
+    ) -> int | None:
+        """Apply (op, user_id, value) corrections to the partition's leaderboard once per
+        `token`: the number applied, or None if that token's were applied already."""
+        args: list[str | int] = [ttl_s]
+        for op, user_id, value in corrections:
+            args += [op, user_id, value]
+        call = self._repair.checked([keys.leaderboard, keys.repair_applied(token)])
+        applied = int(self._repair.script(keys=call, args=args))
+        return None if applied < 0 else applied
 
 
 class _Registered:
@@ -211,6 +261,13 @@ def _publish_call(script: _Registered, keys: PartitionKeys, top_n: int) -> dict[
         "keys": script.checked([keys.leaderboard, keys.top]),
         "args": [top_n, TOP_STREAM_MAXLEN],
     }
+
+
+def _provision_call(
+    script: _Registered, keys: PartitionKeys, user_ids: list[str]
+) -> dict[str, Any]:
+    call = [keys.leaderboard, keys.rebuilt_leaderboard, keys.rebuild_progress]
+    return {"keys": script.checked(call), "args": user_ids}
 
 
 def _text(value: bytes | str) -> str:

@@ -1,7 +1,14 @@
 """Provisioning users: a row in Postgres (the source of truth), then a member in Redis.
 
 Postgres first, so a user Redis knows is always one a rebuild will bring back. Both writes
-are idempotent: provisioning an existing user changes nothing, its score included.
+are idempotent: provisioning an existing user changes nothing, its score included, and a
+provisioning call cut short can be sent again.
+
+While a rebuild runs, Redis's half (lua/provision_users-3.lua) adds the users to the rebuilt
+leaderboard too, in the same atomic step: a user whose provisioning has returned is in the
+leaderboard before and after the swap, and the increments accepted for it meanwhile are
+replayed. On a Redis that lost its data, the hot path answers 503 (not 404) until the rebuild
+is done, and the rebuild reads Postgres, where the user already is.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from collections.abc import Iterable, Sequence
 
 import psycopg
 import redis
-import redis.asyncio as aioredis
 
 from service.keys import KeySchema
 from service.scripts import Scripts, SyncScripts
@@ -30,11 +36,6 @@ def by_partition(schema: KeySchema, user_ids: Iterable[str]) -> dict[int, list[s
     return groups
 
 
-def _zadd_args(user_ids: Sequence[str]) -> dict[str, int]:
-    # NX: an existing member keeps its score
-    return dict.fromkeys(user_ids, 0)
-
-
 def provision_sync(
     conn: psycopg.Connection[tuple[object, ...]],
     client: redis.Redis,
@@ -48,14 +49,13 @@ def provision_sync(
     scripts = SyncScripts(client)
     for index, ids in by_partition(schema, user_ids).items():
         keys = schema.all()[index]
-        if client.zadd(keys.leaderboard, _zadd_args(ids), nx=True):
+        if scripts.provision(keys, ids):
             scripts.publish_top(keys, top_n)  # new members may enter a short top-N
     return created
 
 
 async def provision(
     conn: psycopg.AsyncConnection[tuple[object, ...]],
-    client: aioredis.Redis,
     scripts: Scripts,
     schema: KeySchema,
     top_n: int,
@@ -66,6 +66,6 @@ async def provision(
         created = (await conn.execute(INSERT_USERS, (list(user_ids),))).rowcount
     for index, ids in by_partition(schema, user_ids).items():
         keys = schema.all()[index]
-        if await client.zadd(keys.leaderboard, _zadd_args(ids), nx=True):
+        if await scripts.provision(keys, ids):
             await scripts.publish_top(keys, top_n)  # new members may enter a short top-N
     return created

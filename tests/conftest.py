@@ -82,10 +82,12 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture
-def r(servers: Servers) -> Iterator[redis.Redis]:
-    """A clean Redis (FLUSHALL) and Postgres (TRUNCATE) for this test; a client to Redis."""
+def r(servers: Servers, settings: Settings) -> Iterator[redis.Redis]:
+    """A clean Redis (FLUSHALL) and Postgres (TRUNCATE) for this test; a client to Redis.
+    Redis is ready (every partition's marker set), as after a new deployment's first rebuild."""
     client = redis.Redis.from_url(servers.redis.url)
     client.flushall()
+    client.mset(dict.fromkeys(KeySchema(settings.partitions).ready_markers, "1"))
     with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
         conn.execute("TRUNCATE users, score_events")
     yield client

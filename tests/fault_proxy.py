@@ -6,6 +6,8 @@ use it alike. Faults are chosen by mode, changed at any time:
 - `PASS`: bytes flow both ways.
 - `DROP_REPLIES`: requests reach the server, its replies are swallowed and the connection is
   reset as soon as a reply arrives: the server executed the command, the client never hears.
+- `DROP_ONE_REPLY`: like DROP_REPLIES for the next reply only, then PASS (the client's retry
+  of that command, on a new connection, gets through).
 - `DELAY`: every chunk waits `delay_s` before it is forwarded (both ways).
 - `BLACKHOLE`: connections are accepted and nothing is forwarded either way (a partition
   that does not close sockets).
@@ -31,6 +33,7 @@ T = TypeVar("T")
 class Mode(enum.Enum):
     PASS = "pass"
     DROP_REPLIES = "drop_replies"
+    DROP_ONE_REPLY = "drop_one_reply"
     DELAY = "delay"
     BLACKHOLE = "blackhole"
     REFUSE = "refuse"
@@ -68,6 +71,8 @@ class FaultProxy:
             self.reset_all()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()  # else its self-pipe leaks (a ResourceWarning, an error here)
 
     def set(self, mode: Mode, delay_s: float = 0.0) -> None:
         self.mode, self.delay_s = mode, delay_s
@@ -128,7 +133,9 @@ class FaultProxy:
                 mode = self.mode
                 if mode is Mode.BLACKHOLE:
                     continue
-                if reply and mode is Mode.DROP_REPLIES:
+                if reply and mode in (Mode.DROP_REPLIES, Mode.DROP_ONE_REPLY):
+                    if mode is Mode.DROP_ONE_REPLY:
+                        self.mode = Mode.PASS
                     self.dropped_replies += 1
                     for w in pair:
                         _reset(w)

@@ -1,4 +1,4 @@
-"""Drive lua/submit_score-6.lua on fakeredis or on the suite's real Redis, the same way.
+"""Drive lua/submit_score-7.lua on fakeredis or on the suite's real Redis, the same way.
 
 The contract tests and the Hypothesis model both use this: one backend fixture per kind
 (`fake`: fakeredis with Lua via lupa; `real`: the session redis-server, FLUSHDB first), and a
@@ -67,6 +67,7 @@ class Harness:
         self.schema = KeySchema(1)
         self.keys: PartitionKeys = self.schema.all()[0]
         self.scripts = SyncScripts(client)
+        client.set(self.keys.ready, "1")  # as after a deployment's first rebuild
 
     def with_settings(self, **changes: int) -> Harness:
         """The same client with other settings (e.g. a small burst)."""

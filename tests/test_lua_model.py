@@ -1,4 +1,4 @@
-"""Hypothesis state machine: lua/submit_score-6.lua against a pure-Python leaderboard model.
+"""Hypothesis state machine: lua/submit_score-7.lua against a pure-Python leaderboard model.
 
 The machine provisions users, submits for random users (unknown ones included) with random
 deltas (too large ones included), with or without Idempotency-Keys (reused ones included, with

@@ -1,4 +1,4 @@
-"""Contract of lua/submit_score-6.lua, the hot path: the same tests on fakeredis and real Redis.
+"""Contract of lua/submit_score-7.lua, the hot path: the same tests on fakeredis and real Redis.
 
 Every test runs twice, `[fake]` (fakeredis, Lua 5.1 via lupa) and `[real]` (the suite's
 redis-server, FLUSHDB first). A test that passes on one and fails on the other is a fakeredis
@@ -405,11 +405,11 @@ def test_wrong_key_count_is_refused_in_python_and_in_lua(h: Harness) -> None:
     h.provision(a)
     call = h.prepare(a, 1)
     before = h.snapshot()
-    for keys in (call.keys[:5], [*call.keys, "extra"]):
-        with pytest.raises(ValueError, match="submit_score takes 6 keys"):
+    for keys in (call.keys[:6], [*call.keys, "extra"]):
+        with pytest.raises(ValueError, match="submit_score takes 7 keys"):
             h.scripts.submit(Submit(keys, call.args))
         # a caller that bypasses the wrapper gets an error reply from the script itself
-        with pytest.raises(redis.ResponseError, match="submit_score: takes 6 keys"):
+        with pytest.raises(redis.ResponseError, match="submit_score: takes 7 keys"):
             h.client.eval(load("submit_score").body, len(keys), *keys, *call.args)
     h.assert_unchanged(before)
 

@@ -18,7 +18,7 @@ def _accepted(text: str) -> float:
 
 def test_two_workers_report_every_accepted_update(env, r, add_users, token, tmp_path) -> None:
     (alice,) = add_users(count=1)
-    r.set(KeySchema(1).ready_marker, "1")  # Redis holds the leaderboards: no rebuild to wait for
+    r.mset(dict.fromkeys(KeySchema(1).ready_markers, "1"))  # no rebuild to wait for
     svc = start_service(env, tmp_path / "serve.log", "--workers", "2")
     try:
         headers = {"Authorization": f"Bearer {token(alice)}"}

@@ -12,6 +12,7 @@ from starlette.testclient import TestClient
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app
 from service.devservers import wait_for
+from service.keys import KeySchema
 from service.settings import Settings
 
 
@@ -27,7 +28,7 @@ def test_503_while_rebuilding_then_ready_and_rebuilt_again_after_a_wipe(
         gate.wait(30)
         rebuild_if_missing(s)
 
-    r.delete("score:ready")  # a Redis that must be rebuilt before serving
+    r.delete(*KeySchema(1).ready_markers)  # a Redis that must be rebuilt before serving
     body = {"user_id": alice, "score_increase": 3}
     headers = {"Authorization": f"Bearer {token(alice)}"}
     with TestClient(create_app(settings, rebuild=gated_rebuild)) as c:

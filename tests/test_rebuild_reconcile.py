@@ -22,7 +22,7 @@ from service.app import create_app
 from service.devservers import wait_for
 from service.keys import KeySchema
 from service.persister_lag import PERSISTER_GROUP
-from service.scripts import Status, load
+from service.scripts import Status, Swapped, SwapStep, SyncScripts
 from service.settings import Settings
 
 
@@ -74,7 +74,7 @@ def test_a_wiped_redis_is_rebuilt_from_postgres(
     rebuild_if_missing(settings)
 
     assert leaderboard(r) == before
-    assert r.get(KeySchema(1).ready_marker) == b"1"
+    assert r.exists(*KeySchema(1).ready_markers) == 1
     top = r.xrevrange(KeySchema(1).all()[0].top, count=1)[0][1]
     assert len(top) == settings.top_n and top[users[-1].encode()] == str(-12 * 7).encode()
     r.zadd(KeySchema(1).all()[0].leaderboard, {users[0]: -1})
@@ -102,18 +102,18 @@ def test_increments_accepted_during_a_rebuild_are_replayed_by_the_swap(
     users = add_users(count=2)
     keys = KeySchema(1).all()[0]
     waiting = read_unpersisted(r, pg, keys, keep_alive=lambda: None)
+    r.hset(keys.rebuild_progress, mapping={"token": "t1", "upto": waiting.last_id})
     r.zadd(keys.rebuilt_leaderboard, {users[0]: -5, users[1]: 0})  # as built from Postgres
     submit(settings, r, users[0], 3)  # accepted while it was built
     submit(settings, r, users[1], 4)
     r.xadd(keys.events, {"e": "x", "u": "not-in-postgres", "d": "9"})
 
-    swap = r.register_script(load("swap_leaderboard").body)
-    replayed = swap(keys=[keys.rebuilt_leaderboard, keys.leaderboard, keys.events],
-                    args=[waiting.last_id])  # fmt: skip
+    step = SyncScripts(r).swap_leaderboard(keys, "t1", 10)
 
-    assert replayed == 2
+    assert step == SwapStep(Swapped.NOW, replayed=2, scanned=3)
     assert leaderboard(r) == {users[0].encode(): -8.0, users[1].encode(): -4.0}
-    assert not r.exists(keys.rebuilt_leaderboard)
+    assert not r.exists(keys.rebuilt_leaderboard, keys.rebuild_progress)
+    assert r.get(keys.ready) == b"t1"
 
 
 def test_after_a_wipe_a_retry_of_a_request_made_before_it_is_a_replay(
@@ -136,12 +136,14 @@ def test_after_a_wipe_a_retry_of_a_request_made_before_it_is_a_replay(
     r.flushall()
     record = KeySchema(1).for_user(alice).idempotency(alice, "order-1")
     lost = client.post("/api/v1/score", json=body, headers=keyed)
-    assert lost.status_code == 404 and not r.exists(record)  # unknown until the rebuild
+    # not ready until the rebuild: a 503 (the Lua call sees the ready marker missing)
+    assert lost.status_code == 503 and not r.exists(record)
 
     done = rebuild(settings, force=False)
 
     assert done is not None and done.records == 1
     assert r.get(record) == b"5:5"  # exactly what the hot path wrote
+    wait_for(lambda: client.get("/readyz").status_code == 200, 10, "readiness")
     assert 0 < r.pttl(record) <= settings.idempotency_ttl_s * 1000
     retry = client.post("/api/v1/score", json=body, headers=keyed)
     assert retry.status_code == 200 and retry.json()["new_score"] == 5  # the first result

@@ -23,6 +23,8 @@
                                  from them); drained by the persister
     KEYS[5] top           STREAM the new top-N as user_id/-score pairs, only when it changed
     KEYS[6] flush flag    STRING set when a persister flush must be requested
+    KEYS[7] ready         STRING the partition's ready marker, set by the swap of a rebuild;
+                                 missing (a new or wiped Redis): NOT_READY, nothing written
 
     ARGV[1]  user_id
     ARGV[2]  delta                 integer, non-zero
@@ -44,7 +46,7 @@
 
   Output: {status, total, rank, retry_after_us, remaining, reset_after_us, flush, top_version}
     status  0 OK, 1 REPLAY, 2 RATE_LIMITED, 3 UNKNOWN_USER, 4 OUT_OF_RANGE,
-            5 IDEMPOTENCY_MISMATCH (mirrored by service.scripts.Status)
+            5 IDEMPOTENCY_MISMATCH, 6 NOT_READY (mirrored by service.scripts.Status)
     total   the user's score after this call (the first call's, for a replay); 0 if refused
     rank    1 + the number of users with a strictly higher score (ties share a rank), after
             this call (the first call's, for a replay); 0 if refused, or for a replay of a
@@ -84,7 +86,7 @@ local function flag_arg(s)
   return nil
 end
 
-if #KEYS ~= 6 then return redis.error_reply("ERR submit_score: takes 6 keys") end
+if #KEYS ~= 7 then return redis.error_reply("ERR submit_score: takes 7 keys") end
 if #ARGV ~= 12 then return redis.error_reply("ERR submit_score: takes 12 arguments") end
 
 local leaderboard_key = KEYS[1]
@@ -93,6 +95,7 @@ local idempotency_key = KEYS[3]
 local events_key = KEYS[4]
 local top_key = KEYS[5]
 local flush_key = KEYS[6]
+local ready_key = KEYS[7]
 
 local user_id = ARGV[1]
 local delta = int_arg(ARGV[2])
@@ -109,6 +112,7 @@ local top_maxlen = setting(ARGV[11], 1)
 local flush_ttl = setting(ARGV[12], 1)
 
 local OK, REPLAY, RATE_LIMITED, UNKNOWN_USER, OUT_OF_RANGE, IDEMPOTENCY_MISMATCH = 0, 1, 2, 3, 4, 5
+local NOT_READY = 6
 
 local function int(n)
   return string.format("%d", n)
@@ -129,6 +133,9 @@ if flush_ttl == nil then return redis.error_reply("ERR submit_score: bad flush T
 -- max_delta <= 2^53-1, so this also refuses any delta a double cannot hold exactly
 if delta < 0 and not allow_negative then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end
 if math.abs(delta) > max_delta then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end
+
+-- 0. A Redis that lost its data (or was never filled) knows no user yet: not a 404, a 503.
+if rcall("EXISTS", ready_key) == 0 then return {NOT_READY, 0, 0, 0, 0, 0, 0, ""} end
 
 -- 1. Rate limit: GCRA on Redis's clock (go-redis/redis_rate). Nothing is written yet.
 -- `remaining` and `reset_after` describe the allowance as it stands; spend_rate() moves them
