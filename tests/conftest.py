@@ -87,7 +87,7 @@ def r(servers: Servers) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(servers.redis.url)
     client.flushall()
     with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE users, score_events")
+        conn.execute("TRUNCATE users, score_events, score_layout")
     yield client
     client.close()
 
