@@ -106,16 +106,20 @@ def agreed(conn: Conn, client: redis.Redis, proposed: Layout) -> Layout:
     return in_postgres
 
 
-def ensure(settings: Settings) -> Layout:
+def ensure(settings: Settings, *, changing_to_mine: bool = False) -> Layout:
     """Check that this process's SCORE_PARTITIONS is the deployment's layout, recording it if
     this is the deployment's first start; LayoutMismatch (a ConfigError: exit code 2) naming
-    both counts and the command that changes it, otherwise."""
+    both counts and the command that changes it, otherwise. `changing_to_mine`: a change to
+    this process's count that is still running is accepted too (a long-running process started
+    early waits for it, refusing writes meanwhile)."""
     client = sync_redis(settings)
     try:
         with psycopg.connect(settings.database_url, connect_timeout=5, autocommit=True) as conn:
             recorded = agreed(conn, client, layout_of(settings))
     finally:
         client.close()
+    if changing_to_mine and recorded.changing and recorded.partitions == settings.partitions:
+        return recorded
     why = layout_problem(recorded, settings)
     if why is not None:
         raise LayoutMismatch(why)
@@ -131,7 +135,7 @@ def ensure_waiting(settings: Settings) -> Layout:
     failures = 0
     while True:
         try:
-            return ensure(settings)
+            return ensure(settings, changing_to_mine=True)
         except TRANSIENT as exc:
             why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         except LayoutMismatch as exc:

@@ -91,7 +91,7 @@ def check_layout(settings: Settings) -> None:
     from persister.layout import ensure
 
     try:
-        ensure(settings)
+        ensure(settings, changing_to_mine=True)  # then 503 until the change is done
     except (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
         log.warning("cannot check the partition layout yet (%s); the service will", exc)
 

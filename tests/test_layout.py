@@ -295,11 +295,34 @@ def test_a_worker_with_the_old_count_stops_after_the_change(
         stop_process(worker)
 
 
+def start_unready(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`score-service serve`, once it answers /readyz (503 expected)."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert process.poll() is None, log.read_text()
+        try:
+            return httpx.get(base + "/readyz", timeout=1).status_code == 503
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, 30, "serve to answer")
+    return process, base
+
+
 def test_an_interrupted_change_refuses_everything_until_it_is_resumed(
     env: dict[str, str], r: redis.Redis, pg: psycopg.Connection, tmp_path: Path
 ) -> None:
     assert cli(env, "users", "add", "alice", "bob").returncode == 0
+    two = {**env, "SCORE_PARTITIONS": "2"}
     svc = start_service(env, tmp_path / "serve.log")
+    early = None
     try:
         halfway = Layout(2, changing_from=1)  # as a `partitions set 2` killed after step 1
         layout.write_postgres(pg, halfway, replace=True)
@@ -310,19 +333,28 @@ def test_an_interrupted_change_refuses_everything_until_it_is_resumed(
             "the service to refuse",
         )
         refused(cli(env, "users", "add", "carol"), "being changed to 2", "partitions set 2")
+        refused(cli(two, "rebuild"), "being changed to 2")
+        admin = {"Authorization": f"Bearer {mint(Settings.from_env(env), 'ops', admin=True)}"}
+        resp = httpx.post(
+            svc.base + "/api/v1/admin/users", json={"user_ids": ["carol"]}, headers=admin
+        )
+        assert resp.status_code == 503 and "being changed to 2" in resp.text
+        assert layout.read_postgres(pg) == halfway and not pg_scores(pg, ["carol"])
+        # a service started early with the new count waits for the change, refusing writes
+        early, early_base = start_unready(two, tmp_path / "early.log")
+        assert "being changed to 2" in httpx.get(early_base + "/readyz").text
         shown = cli(env, "partitions")
         assert "being changed to 2" in shown.stdout and "{p1}" in shown.stdout
-        out = cli({**env, "SCORE_PARTITIONS": "2"}, "partitions", "set", "2")
+
+        out = cli(env, "partitions", "set", "2")  # resumes
         assert out.returncode == 0, out.stderr
         assert recorded(r, pg) == (Layout(2), Layout(2))
+        wait_for(lambda: httpx.get(early_base + "/readyz").status_code == 200, 10, "ready")
+        assert httpx.get(early_base + "/api/v1/users/bob").json()["score"] == 0
     finally:
         stop_process(svc.process)
-    two = {**env, "SCORE_PARTITIONS": "2"}
-    svc = start_service(two, tmp_path / "serve2.log")
-    try:
-        assert httpx.get(svc.base + "/api/v1/users/bob").json()["score"] == 0
-    finally:
-        stop_process(svc.process)
+        if early is not None:
+            stop_process(early)
 
 
 def test_partitions_shows_the_layout_and_each_backlog(env, r, pg) -> None:
