@@ -125,6 +125,10 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
     its AOF, a failover to an empty replica) is rebuilt from Postgres; until then requests
     get 503, never a 404 for a user who exists. A Redis that is merely down changes nothing
     here: requests get 503 from the Redis error itself, and it comes back with its data.
+
+    The partition layout Redis records is checked on every poll: while `partitions set` runs,
+    or once it has changed the layout to another count than ours, requests get 503 with the
+    reason, rather than writes into partitions that are no longer the users'.
     """
     schema = ctx.schema
     while True:
