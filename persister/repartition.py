@@ -193,7 +193,7 @@ def _move(
         time.sleep(GRACE_S)
         client.delete(*(k.leaderboard for k in wide.all()))
         say(f"2/5 the leaderboards of all {len(wide.all())} partition(s) are fenced off")
-        drained = _drain(settings, wide, lock.reacquire, say, timeout_s)
+        drained = _drain(settings, wide, lambda: _renew(lock), say, timeout_s)
         say(f"3/5 every events stream is drained into Postgres ({drained} increments committed)")
         dropped = _drop(client, wide, changing.partitions)
         if dropped:
@@ -204,6 +204,15 @@ def _move(
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
             lock.release()
+
+
+def _renew(lock: Lock) -> None:
+    # Only keeps rebuilds that started before the change from running beside it (a rebuild
+    # that starts later sees the change and does nothing): losing it is worth a warning only.
+    try:
+        lock.reacquire()
+    except redis.exceptions.LockError:
+        log.warning("the rebuild lock expired during the drain")
 
 
 def _drain(

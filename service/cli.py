@@ -168,6 +168,10 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_partitions(args: argparse.Namespace) -> int:
+    import psycopg
+    import redis
+
+    from persister.locks import PersisterBusy
     from persister.repartition import ChangeIncomplete, change, render, show
 
     settings = Settings.for_stores()
@@ -176,7 +180,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
         return 0
     try:
         done = change(settings, args.count, say=lambda line: print(line, flush=True))
-    except ChangeIncomplete as exc:
+    except (ChangeIncomplete, PersisterBusy, psycopg.OperationalError, redis.RedisError) as exc:
         print(
             f"score-service: the change to {args.count} partition(s) is not finished: {exc}. "
             f"The services answer 503 until `score-service partitions set {args.count}` "
