@@ -131,11 +131,18 @@ TRANSIENT = (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError
 
 def ensure_waiting(settings: Settings) -> Layout:
     """`ensure`, waiting out an outage of either store and a layout change in progress (a
-    worker started meanwhile); LayoutMismatch for another count."""
+    worker started meanwhile); LayoutMismatch for another count. With Postgres down, Redis's
+    record is enough: the worker starts, and its events wait in Redis as usual."""
     failures = 0
     while True:
         try:
             return ensure(settings, changing_to_mine=True)
+        except psycopg.OperationalError as exc:
+            recorded = _recorded_quietly(settings)
+            if recorded is not None and layout_problem(recorded, settings) is None:
+                log.warning("Postgres is unavailable: the partition layout checked in Redis only")
+                return recorded
+            why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         except TRANSIENT as exc:
             why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         except LayoutMismatch as exc:
