@@ -165,10 +165,9 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
 
 async def _read_state(ctx: Context) -> tuple[bool, Layout | None]:
     """Whether Redis holds the leaderboards (the ready marker), and the layout it records."""
-    pipe = ctx.redis.pipeline(transaction=False)
-    pipe.exists(ctx.schema.ready_marker)
-    pipe.get(ctx.schema.layout)
-    marked, raw = await pipe.execute()
+    # two keys in two slots on a Cluster: two commands
+    marked = await ctx.redis.exists(ctx.schema.ready_marker)
+    raw = await ctx.redis.get(ctx.schema.layout)
     return bool(marked), None if raw is None else decode(raw)
 
 
