@@ -16,16 +16,19 @@ import psycopg
 import pytest
 import redis
 from conftest import ROOT, SECRET, Servers, make_env, start_service, stop_process
-from persist_support import cli, pg_scores, redis_totals, unpersisted
+from persist_support import cli, pg_scores, redis_totals, submit, unpersisted
 from starlette.testclient import TestClient
 
 from persister import layout
+from persister.flush import Persister
+from persister.repartition import change
 from persister.wiring import hooks
 from service.app import create_app
 from service.auth import mint
 from service.devservers import free_port, wait_for
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, encode
+from service.scripts import Status
 from service.settings import Settings
 
 KEY = KeySchema(1).layout
@@ -367,3 +370,33 @@ def test_partitions_shows_the_layout_and_each_backlog(env, r, pg) -> None:
     assert lines[0] == "partitions: 2 partition(s); recorded in Postgres and Redis"
     assert "{p0}" in lines[2] and "{p1}" in lines[3] and len(lines) == 4
     assert SECRET not in out.stdout
+
+
+def test_a_process_that_missed_the_change_cannot_write_astray(
+    servers: Servers, r: redis.Redis, pg: psycopg.Connection, add_users
+) -> None:
+    one = Settings.from_env(make_env(servers))
+    three = Settings.from_env(make_env(servers, SCORE_PARTITIONS="3"))
+    user_ids = add_users(count=30)
+    layout.ensure(one)
+    for user in user_ids:
+        assert submit(one, r, user, 5).status is Status.OK  # waits in the one stream
+
+    assert change(one, 3, say=lambda line: None) is not None
+
+    # A process stalled through the change, still on one partition, makes the Lua call itself
+    # (no readiness check): it reaches a user only where the new layout has put that user.
+    expected = dict.fromkeys(user_ids, 5)
+    for user in user_ids:
+        status = submit(one, r, user, 7).status
+        moved = KeySchema(3).for_user(user).index != 0
+        assert status is (Status.UNKNOWN_USER if moved else Status.OK), user
+        expected[user] += 0 if moved else 7
+    persister = Persister(three)
+    try:
+        for partition in range(3):
+            persister.drain(partition)
+    finally:
+        persister.close()
+    assert pg_scores(pg, user_ids) == expected
+    assert redis_totals(three, r, user_ids) == expected
