@@ -18,9 +18,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from persister.layout import ensure
     from persister.rebuild import rebuild
 
-    done = rebuild(Settings.for_stores(), force=True)
+    settings = Settings.for_stores()
+    ensure(settings)
+    done = rebuild(settings, force=True)
     assert done is not None  # forced: it always runs
     print(
         f"rebuilt Redis from Postgres: {done.users} users, {done.unpersisted} increments not yet "
@@ -31,9 +34,12 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    from persister.layout import ensure
     from persister.reconcile import reconcile, render
 
-    report = reconcile(Settings.for_stores(), repair=args.repair)
+    settings = Settings.for_stores()
+    ensure(settings)
+    report = reconcile(settings, repair=args.repair)
     print(render(report))
     return 0 if report.clean else 1
 

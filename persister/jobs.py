@@ -63,6 +63,10 @@ def persister() -> Persister:
 
 def flush(partition: int) -> None:
     """RQ job: persist the partition's waiting events."""
+    if partition >= persister().settings.partitions:
+        # asked for by a service before `partitions set` dropped the partition: it was drained
+        log.warning("partition %d is not in this worker's layout: flush skipped", partition)
+        return
     _log_drained(persister(), persister().drain(partition))
 
 

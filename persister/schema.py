@@ -44,6 +44,20 @@ MIGRATIONS: list[str] = [
     CREATE INDEX score_events_recent_keys ON score_events (recorded_at)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # ---- the partition layout (persister.layout): its own statement -------------------------
+    # One row: the partition count users are hashed with, the key scheme's version, and while
+    # `score-service partitions set` runs, the count whose partitions may still hold data.
+    # IF NOT EXISTS: correct whatever number this migration ends up with.
+    """
+    CREATE TABLE IF NOT EXISTS score_layout (
+        id            boolean PRIMARY KEY DEFAULT true CHECK (id),
+        version       int NOT NULL,
+        partitions    int NOT NULL CHECK (partitions BETWEEN 1 AND 1024),
+        changing_from int CHECK (changing_from BETWEEN 1 AND 1024),
+        updated_at    timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+    # ---- end of the partition layout ---------------------------------------------------------
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).

@@ -22,7 +22,7 @@ import redis
 from rq import SimpleWorker
 from rq.cron import CronScheduler
 
-from persister import jobs
+from persister import jobs, layout
 from persister.flush import backoff
 from service.connections import check_redis_sync, sync_redis
 from service.settings import Settings
@@ -44,14 +44,23 @@ class PersisterWorker(SimpleWorker):
 
 
 def run(settings: Settings) -> int:
-    """Run the worker until SIGTERM/SIGINT; the exit code."""
+    """Run the worker until SIGTERM/SIGINT, or until the partition layout is changed under it;
+    the exit code (2 for a layout it does not run with)."""
     _wait_for_redis(settings)
+    layout.ensure_waiting(settings)
     persister = jobs.persister()
     quiet = "DEBUG" if os.environ.get("SCORE_LOG_LEVEL", "").upper() == "DEBUG" else "WARNING"
     logging.getLogger("rq").setLevel(quiet)  # RQ logs every job at INFO: one every 2s
     stop = threading.Event()
     cron = threading.Thread(target=_enqueue_sweeps, args=(settings, stop), name="cron", daemon=True)
     cron.start()
+    changed = threading.Event()
+    threading.Thread(
+        target=layout.stop_on_change,
+        args=(settings, stop, changed, SWEEP_INTERVAL_S),
+        name="layout",
+        daemon=True,
+    ).start()
     log.info(
         "persister worker: queue %s, %d partition(s), batches of up to %d, sweep every %ds, "
         "consumer %s",
@@ -71,7 +80,7 @@ def run(settings: Settings) -> int:
                 connection.close()
             if worker.stopping:
                 log.info("persister worker stopped")
-                return 0
+                return 2 if changed.is_set() else 0
             failures += 1
             delay = backoff(failures)
             log.warning("the RQ worker loop ended on an error; starting it again in %.1fs", delay)

@@ -74,6 +74,7 @@ async def post_users(request: Request) -> Response:
     ctx, body = await _admin_body(request)
     wanted: UsersRequest = decode_json(request, body, users_request_decoder)
     user_ids = list(dict.fromkeys(wanted.user_ids))
+    refuse_until_ready(ctx)  # e.g. while the partition layout changes: Redis's half would go astray
     try:
         async with redis_unavailable(), ctx.pg.connection() as conn:
             created = await provision(conn, ctx.scripts, ctx.schema, ctx.settings.top_n, user_ids)

@@ -22,6 +22,8 @@ from service.errors import ApiError, api_error_handler, http_exception_handler, 
 from service.going_away import hook_shutdown_signals
 from service.health import healthz, metrics, readyz
 from service.keys import KeySchema
+from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
+from service.layout import problem as layout_problem
 from service.live import live_routes
 from service.openapi import openapi
 from service.page import page_routes
@@ -73,10 +75,11 @@ def create_app(
         app.state.ctx = ctx
         if ctx.auth.jwks is not None:
             await ctx.auth.jwks.start()
-        with contextlib.suppress(redis.exceptions.RedisError):
-            # ready from the first request when Redis holds the leaderboards: uvicorn accepts
-            # connections only once this startup is done
-            ctx.ready = await client.exists(*ctx.schema.ready_markers) == ctx.settings.partitions
+        with contextlib.suppress(redis.exceptions.RedisError, LayoutMismatch):
+            # ready from the first request when Redis holds the leaderboards (of our layout):
+            # uvicorn accepts connections only once this startup is done
+            marked, recorded = await _read_state(ctx)
+            ctx.ready = marked and layout_problem(recorded, settings) is None
         readiness = asyncio.create_task(keep_ready(ctx, rebuild))
         await live.start()
         unhook_signals = hook_shutdown_signals(live)
@@ -124,17 +127,30 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
     poll the hot path's own Lua call sees the marker missing and answers NOT_READY: 503.)
     A Redis that is merely down changes nothing here: requests get 503 from the Redis error
     itself, and it comes back with its data.
+
+    The partition layout Redis records is checked on every poll: while `partitions set` runs,
+    or once it has changed the layout to another count than ours, requests get 503 with the
+    reason, rather than writes into partitions that are no longer the users'.
     """
-    markers = ctx.schema.ready_markers
+    schema = ctx.schema
     # Without a rebuild hook (an app embedded in tests), a new Redis is taken as it is, once;
     # one that loses its data later stays not ready until someone runs a rebuild.
     adopt = rebuild is None
     while True:
         try:
-            if await ctx.redis.exists(*markers) == len(markers):
+            marked, recorded = await _read_state(ctx)
+            wrong_layout = layout_problem(recorded, ctx.settings)
+            if wrong_layout is not None:
+                # `partitions set` is running, or has changed the layout: every partition this
+                # process would write to may be the wrong one
+                _refuse_layout(ctx, wrong_layout)
+            elif marked:
+                if recorded is None:  # a deployment from before layouts were recorded
+                    await ctx.redis.set(schema.layout, encode(layout_of(ctx.settings)), nx=True)
                 ctx.ready, ctx.not_ready_reason = True, ""
             elif adopt:
-                await ctx.redis.mset(dict.fromkeys(markers, "1"))
+                await ctx.redis.set(schema.layout, encode(layout_of(ctx.settings)), nx=True)
+                await ctx.redis.mset(dict.fromkeys(schema.ready_markers, "1"))
                 adopt = False
                 continue
             elif rebuild is None:
@@ -148,9 +164,26 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             if not ctx.ready:
                 ctx.not_ready_reason = f"waiting for Redis: {type(exc).__name__}"
+        except LayoutMismatch as exc:  # found by the rebuild hook, which checks Postgres too
+            _refuse_layout(ctx, str(exc))
         except Exception as exc:  # the rebuild failed (Postgres down?): keep trying
             log.warning("could not make Redis ready: %s", exc)
             # clients see the reason (/readyz, 503s): the error's type only, never its text,
             # which may name a host and port; the log above has it all
             ctx.not_ready_reason = f"rebuild failed: {type(exc).__name__}"
         await asyncio.sleep(READY_POLL_S)
+
+
+async def _read_state(ctx: Context) -> tuple[bool, Layout | None]:
+    """Whether Redis holds the leaderboards (the ready marker), and the layout it records."""
+    markers = ctx.schema.ready_markers
+    marked = await ctx.redis.exists(*markers) == len(markers)
+    raw = await ctx.redis.get(ctx.schema.layout)
+    return marked, None if raw is None else decode(raw)
+
+
+def _refuse_layout(ctx: Context, why: str) -> None:
+    """Answer 503 from now on: the partitions this process would use are not the recorded ones."""
+    if ctx.ready or ctx.not_ready_reason != why:
+        log.error("not serving: %s", why)
+    ctx.ready, ctx.not_ready_reason = False, why

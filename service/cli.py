@@ -50,6 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()  # fail fast, in the parent, with one clear line
     refuse_evicting_redis(settings)
+    check_layout(settings)
     with contextlib.ExitStack() as cleanup:
         if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             # workers share their metrics through files: any worker's /metrics has them all
@@ -80,15 +81,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_layout(settings: Settings) -> None:
+    """Before serving: LayoutMismatch (exit 2) when SCORE_PARTITIONS is not the deployment's
+    layout; on its first start, record it. A store that is not reachable yet is not refused:
+    the service checks the layout again when it makes Redis ready."""
+    import psycopg
+    import redis
+
+    from persister.layout import ensure
+
+    try:
+        ensure(settings, changing_to_mine=True)  # then 503 until the change is done
+    except (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("cannot check the partition layout yet (%s); the service will", exc)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     import psycopg
 
+    from persister.layout import write_postgres
     from persister.schema import migrate
+    from service.layout import layout_of
 
     settings = Settings.for_stores()
     with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
         applied = migrate(conn)
+        conn.autocommit = True
+        # a new deployment records its layout now (an existing one keeps its own)
+        recorded = write_postgres(conn, layout_of(settings), replace=False)
     print(f"migrated: applied {applied}" if applied else "schema is up to date")
+    if recorded != layout_of(settings):
+        print(
+            f"note: the deployment's layout is {recorded.describe()}, SCORE_PARTITIONS is "
+            f"{settings.partitions}: the services will refuse to start until they agree"
+        )
     return 0
 
 
@@ -119,6 +145,7 @@ def read_id_file(name: str) -> list[str]:
 def cmd_users(args: argparse.Namespace) -> int:
     import psycopg
 
+    from persister.layout import ensure
     from service.connections import check_redis_sync, sync_redis
     from service.keys import KeySchema
     from service.users import provision_sync
@@ -128,6 +155,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     settings = Settings.for_stores()
     client = sync_redis(settings)
     check_redis_sync(client)
+    ensure(settings)
     created = 0
     with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
         for start in range(0, len(ids), 10_000):
@@ -136,6 +164,37 @@ def cmd_users(args: argparse.Namespace) -> int:
                 conn, client, KeySchema(settings.partitions), settings.top_n, chunk
             )
     print(f"users: {created} created, {len(ids) - created} already existed")
+    return 0
+
+
+def cmd_partitions(args: argparse.Namespace) -> int:
+    import psycopg
+    import redis
+
+    from persister.locks import PersisterBusy
+    from persister.repartition import ChangeIncomplete, change, render, show
+
+    settings = Settings.for_stores()
+    if args.action != "set":
+        print(render(show(settings)))
+        return 0
+    try:
+        done = change(settings, args.count, say=lambda line: print(line, flush=True))
+    except (ChangeIncomplete, PersisterBusy, psycopg.OperationalError, redis.RedisError) as exc:
+        print(
+            f"score-service: the change to {args.count} partition(s) is not finished: {exc}. "
+            f"The services answer 503 until `score-service partitions set {args.count}` "
+            "is run again (it resumes)",
+            file=sys.stderr,
+        )
+        return 1
+    if done is not None:
+        print(
+            f"partitions: {done.before.partitions} -> {done.after.partitions} in "
+            f"{done.seconds:.1f}s; {done.rebuilt.users} users rebuilt, {done.drained} increments "
+            f"drained into Postgres. Restart every service and worker with "
+            f"SCORE_PARTITIONS={done.after.partitions}: until then they answer 503 (workers stop)"
+        )
     return 0
 
 
@@ -179,6 +238,17 @@ def parser() -> argparse.ArgumentParser:
     imp = users_sub.add_parser("import", help="provision one user id per line of FILE ('-': stdin)")
     imp.add_argument("file", metavar="FILE")
     users.set_defaults(func=cmd_users)
+
+    partitions = sub.add_parser(
+        "partitions",
+        help="show the partition layout and each partition's backlog; `set N` changes it",
+        description="Show the recorded partition layout, or change it safely (`set N`): refuse "
+        "writes, drain every events stream into Postgres, record the new layout, rebuild Redis.",
+    )
+    partitions_sub = partitions.add_subparsers(dest="action")
+    set_count = partitions_sub.add_parser("set", help="change the number of partitions")
+    set_count.add_argument("count", type=int, metavar="N")
+    partitions.set_defaults(func=cmd_partitions)
 
     token = sub.add_parser("token", help="mint a token (dev secret or SCORE_JWT_PRIVATE_KEY)")
     token.add_argument("user_id", metavar="ID")

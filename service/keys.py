@@ -136,3 +136,9 @@ class KeySchema:
     def rebuild_lock(self) -> str:
         """STRING lock: one rebuild at a time across every service and CLI process."""
         return f"{PREFIX}:rebuild:lock"
+
+    @property
+    def layout(self) -> str:
+        """STRING: the deployment's partition layout (service.layout), also in Postgres. No
+        hash tag: read once at startup and by the readiness poll, never by the hot path's Lua."""
+        return f"{PREFIX}:layout"
