@@ -68,6 +68,8 @@ class FaultProxy:
             self.reset_all()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()  # its selector and self-pipe sockets, or they leak
 
     def set(self, mode: Mode, delay_s: float = 0.0) -> None:
         self.mode, self.delay_s = mode, delay_s
