@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 
+from service.devservers import ServerError, wait_for
 from service.users import provision_sync
 
 from .check import Verdict, drain, verify
@@ -92,6 +93,10 @@ def run_soak(config: SoakConfig) -> SoakResult:
         failures += chaos.problems
         stack.check_alive()
         failures += stack.exited_by_themselves
+        try:  # uvicorn's supervisor replaces a killed worker
+            wait_for(lambda: len(stack.service_workers()) == 2, 30, "2 uvicorn workers")
+        except ServerError:
+            failures.append(f"uvicorn workers after the faults: {stack.service_workers()}, not 2")
         failed_drain = drain(stack, DRAIN_S)
         if failed_drain is not None:
             failures.append(failed_drain)
