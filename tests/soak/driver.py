@@ -73,6 +73,12 @@ def wait_drained(stack: Stack, timeout: float, stop: threading.Event | None = No
     return False
 
 
+def last_line(output: str) -> str:
+    """The last line of a command's output: the exception a traceback ends with."""
+    lines = output.strip().splitlines()
+    return lines[-1][:300] if lines else "(no output)"
+
+
 class Chaos:
     """Runs the fault thread and the operator thread until `stop()`; counts what it did."""
 
@@ -296,7 +302,7 @@ class Chaos:
         outcome, out = self._cli("rebuild")
         self._count(f"rebuild: {outcome}")
         if outcome != "exit 0":
-            self._note(f"rebuild {outcome}: {out.strip().splitlines()[-1:]}")
+            self._note(f"rebuild {outcome}: {last_line(out)}")
 
     def _repair(self, rng: random.Random) -> None:
         """`reconcile --repair`, or `reconcile` alone. Redis must never drift from Postgres
@@ -325,7 +331,7 @@ class Chaos:
         if ledger:
             self.problems.append(f"`{' '.join(args)}`: {ledger[0]}")
         if outcome != "exit 0" and not drift:
-            self._note(f"{' '.join(args)} {outcome}: {out.strip()[-300:]}")
+            self._note(f"{' '.join(args)} {outcome}: {last_line(out)}")
 
     def _ready(self) -> bool:
         try:
@@ -349,7 +355,7 @@ class Chaos:
                 return
             if self._halt.wait(rng.uniform(0.5, 2)):
                 break
-        self._note(f"users add {ids} never succeeded: {out.strip()[-300:]}")
+        self._note(f"users add {ids} never succeeded: {last_line(out)}")
 
     def _users_api(self, rng: random.Random) -> None:
         s = self.shared
