@@ -58,6 +58,13 @@ class Stats:
             if self.violations[endpoint, outcome] <= 5:
                 self.bodies.append(f"at {at:.2f}s {endpoint} {outcome}: {detail[:400]}")
 
+    def near(self, endpoint: str, outcome: str, moments: list[float], within: float) -> int:
+        """How many of these violations came at most `within` seconds after one of
+        `moments` (the FLUSHALLs: a wipe's aftermath tells one bug from another)."""
+        with self._lock:
+            times = self.seen.get((endpoint, outcome), [])
+            return sum(any(0 <= t - m <= within for m in moments) for t in times)
+
     def when(self, endpoint: str, outcome: str) -> str:
         """The spells (gaps under a second joined) in which this violation was seen."""
         with self._lock:

@@ -100,6 +100,7 @@ class Chaos:
         ]
         self._users = 0
         self._last_wipe = -math.inf
+        self.wipes: list[float] = []  # when each FLUSHALL ran, in seconds since the start
 
     def start(self) -> None:
         for thread in self._threads:
@@ -259,6 +260,7 @@ class Chaos:
             client = self.stack.redis_client()
             try:
                 self._last_wipe = time.monotonic()
+                self.wipes.append(self._last_wipe - self.shared.stats.t0)
                 client.flushall()
             finally:
                 client.close()

@@ -11,7 +11,24 @@ from .check import Verdict
 from .clients import Stats
 from .ledger import Ledger
 
+WIPE_WINDOW_S = 3.0
 _ERROR = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) ")
+
+
+def unhandled(log: Path) -> list[str]:
+    """The exceptions the service did not handle (each a 500, whether or not the client was
+    still there to read it): the last line of each one's traceback."""
+    if not log.exists():
+        return []
+    lines = log.read_text(errors="replace").splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "Exception in ASGI application" in line:
+            end = i + 2
+            while end < len(lines) and (lines[end].startswith(" ") or not lines[end].strip()):
+                end += 1
+            found.append(lines[end][:300] if end < len(lines) else line)
+    return found
 
 
 def logged_errors(log: Path) -> Counter[str]:
@@ -43,6 +60,7 @@ def render(
     ledger: Ledger,
     notes: list[str],
     failures: list[str],
+    wipes: list[float],
     verdict: Verdict | None,
     directory: Path,
     replay: str,
@@ -73,7 +91,11 @@ def render(
         add("")
         add("answers the contract does not allow:")
         for (endpoint, outcome), n in sorted(stats.violations.items()):
-            add(f"  {n:6d}  {endpoint}  {outcome}  at {stats.when(endpoint, outcome)}")
+            near = stats.near(endpoint, outcome, wipes, WIPE_WINDOW_S)
+            add(
+                f"  {n:6d}  {endpoint}  {outcome}  ({near} within {WIPE_WINDOW_S:.0f}s after a "
+                f"FLUSHALL)  at {stats.when(endpoint, outcome)}"
+            )
         add("  first bodies:")
         out.extend(f"    {body}" for body in stats.bodies[:20])
     for name in ("serve.log", "worker.log"):

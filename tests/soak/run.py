@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from .check import Verdict, drain, verify
 from .clients import AdminAdjuster, Gate, Player, Shared, Stats
 from .driver import FAMILIES, Chaos
 from .ledger import Ledger
-from .report import render
+from .report import render, unhandled
 from .stack import Stack
 
 DRAIN_S = 120.0
@@ -103,6 +104,12 @@ def run_soak(config: SoakConfig) -> SoakResult:
         else:
             verdict = verify(stack, ledger)
             failures += verdict.failures
+        crashes = unhandled(directory / "serve.log")
+        if crashes:
+            failures.append(
+                f"the service logged {len(crashes)} unhandled exceptions (500s): "
+                + "; ".join(f"{n} x {e}" for e, n in Counter(crashes).most_common(5))
+            )
         bad = sum(stats.violations.values())
         if bad:
             worst = ", ".join(f"{n} x {e} {o}" for (e, o), n in stats.violations.most_common(6))
@@ -113,7 +120,8 @@ def run_soak(config: SoakConfig) -> SoakResult:
     report = render(
         seed=config.seed, seconds=config.seconds, families=config.families,
         injected=chaos.injected, stats=stats, ledger=ledger, notes=chaos.notes,
-        failures=failures, verdict=verdict, directory=directory, replay=replay_command(config),
+        failures=failures, wipes=chaos.wipes, verdict=verdict, directory=directory,
+        replay=replay_command(config),
     )  # fmt: skip
     if not failures and not config.keep:
         shutil.rmtree(directory, ignore_errors=True)
