@@ -134,7 +134,7 @@ class Chaos:
 
     def _note(self, what: str) -> None:
         with self._lock:
-            self.notes.append(what)
+            self.notes.append(f"at {time.monotonic() - self.shared.stats.t0:.2f}s {what}")
 
     def _hold(self, rng: random.Random) -> None:
         self._halt.wait(rng.uniform(0.2, self.max_hold_s))
