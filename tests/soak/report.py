@@ -27,7 +27,8 @@ def unhandled(log: Path) -> list[str]:
             end = i + 2
             while end < len(lines) and (lines[end].startswith(" ") or not lines[end].strip()):
                 end += 1
-            found.append(lines[end][:300] if end < len(lines) else line)
+            last = lines[end] if end < len(lines) else line
+            found.append(re.sub(r"0x[0-9a-f]+", "0x...", last)[:300])  # one kind, one count
     return found
 
 
@@ -43,7 +44,7 @@ def logged_errors(log: Path) -> Counter[str]:
             while end < len(lines) and (lines[end].startswith(" ") or not lines[end].strip()):
                 end += 1
             if end < len(lines):
-                found["traceback: " + lines[end][:300]] += 1
+                found["traceback: " + re.sub(r"0x[0-9a-f]+", "0x...", lines[end])[:300]] += 1
         elif _ERROR.match(line):
             # drop the timestamp so that repeats count together
             found[re.sub(r"^\S+ \S+ ", "", line)[:300]] += 1
