@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run demo test lint bench contract clean
+.PHONY: run demo test lint bench contract clean soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ $(VENV)/.bench-installed: $(STAMP)  # the bench extra: matplotlib, py-spy, pyins
 
 bench: $(VENV)/.bench-installed  ## the benchmark suite (needs Debian's wrk); results under bench/results/
 	$(BIN)/python -m bench
+
+SOAK_SECONDS ?= 600
+SOAK_SEED ?= $(shell date +%s)
+SOAK_FAULTS ?= kill,stop,proxy,flushall,rebuild,repair,users,admin
+soak: $(STAMP)  ## the chaos soak (README: "Chaos soak"); bounded, stops by itself
+	PYTHONPATH=tests $(BIN)/python -m soak --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) \
+	  --faults $(SOAK_FAULTS)
 
 contract: $(STAMP)
 	../shared/contract/run
