@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_CONF = ROOT / "redis.conf"
+from service.shipped import REDIS_CONF
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (bench runs processes from it)
 UNPRIVILEGED_USERS = ("postgres", "nobody")
 SYSTEM_POSTGRES = Path("/usr/lib/postgresql")  # Debian's versioned installs
 
