@@ -2,12 +2,16 @@
 
 Starts Redis and Postgres under `.data/` unless REDIS_URL / DATABASE_URL point elsewhere,
 migrates, provisions demo users, runs the web process and the persister worker, and prints
-a ready-to-paste curl. Ctrl-C stops everything it started.
+a ready-to-paste curl. Whatever ends it stops everything it started: Ctrl-C, SIGTERM and
+SIGHUP (a closed terminal, a dropped SSH session) stop them in order; if it dies (kill -9),
+the kernel signals each of them (PR_SET_PDEATHSIG). One `dev` at a time uses a data
+directory (a lock), and it stops what a dead one left there before it starts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -20,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.devservers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
               "judy", "mallory", "niaj", "olivia", "peggy", "rupert", "sybil"]  # fmt: skip
@@ -30,6 +34,8 @@ def _port(preferred: int) -> int:
     import socket
 
     with socket.socket() as s:
+        # as the server will: connections of a previous run in TIME_WAIT do not hold the port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", preferred))
         except OSError:
@@ -47,19 +53,41 @@ def _dev_secret(data: Path) -> str:
 
 
 @contextlib.contextmanager
+def _lock(data: Path) -> Iterator[None]:
+    """Hold .data/dev.lock while we run: a second `dev` on the same data refuses to start.
+
+    The kernel drops the lock when we end, however we end, so a lock never outlives us.
+    """
+    with open(data / "dev.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise SystemExit(
+                f"another `score-service dev` (pid {lock.read().strip() or '?'}) uses {data}"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+@contextlib.contextmanager
 def _servers(data: Path, env: dict[str, str]) -> Iterator[None]:
     started: list[RedisServer | PostgresServer] = []
     try:
         if not env.get("REDIS_URL"):
             print("starting Redis under", data / "redis", flush=True)
-            r = RedisServer(data / "redis").start()
+            r = RedisServer(data / "redis")
+            r.stop_leftover()
             started.append(r)
-            env["REDIS_URL"] = r.url
+            env["REDIS_URL"] = r.start().url
         if not env.get("DATABASE_URL"):
             print("starting Postgres under", data / "postgres", flush=True)
-            pg = PostgresServer(data / "postgres").start()
+            pg = PostgresServer(data / "postgres")
+            pg.stop_leftover()
             started.append(pg)
-            env["DATABASE_URL"] = pg.url
+            env["DATABASE_URL"] = pg.start().url
         yield
     finally:
         for server in reversed(started):
@@ -68,7 +96,9 @@ def _servers(data: Path, env: dict[str, str]) -> Iterator[None]:
 
 def _cli(env: dict[str, str], *args: str) -> str:
     exe = [sys.executable, "-m", "service.cli", *args]
-    out = subprocess.run(exe, env=env, capture_output=True, text=True, check=False)
+    out = subprocess.run(
+        exe, env=env, capture_output=True, text=True, check=False, preexec_fn=die_with_parent()
+    )
     if out.returncode != 0:
         raise SystemExit(f"score-service {' '.join(args)} failed:\n{out.stderr}")
     return out.stdout.strip()
@@ -105,8 +135,10 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
         env["SCORE_JWT_SECRET"] = _dev_secret(data)
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, _interrupt)  # stop as cleanly as on Ctrl-C
-    with _servers(data, env):
+    # stop as cleanly as on Ctrl-C: a process manager's SIGTERM, a closed terminal's SIGHUP
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
+    with _lock(data), _servers(data, env):
         try:
             print(_cli(env, "migrate"), flush=True)
             print(_cli(env, "users", "add", *DEMO_USERS), flush=True)
@@ -114,9 +146,17 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             base = f"http://127.0.0.1:{http_port}"
             cli = [sys.executable, "-m", "service.cli"]
             # Sessions of their own: Ctrl-C reaches only us, and we stop them in order
-            # (web and worker first, then the servers they use).
+            # (web and worker first, then the servers they use). If we die, they end too
+            # (die_with_parent says why its preexec_fn is safe beside threads).
+            arm = die_with_parent(signal.SIGTERM)
             for command in (["serve", "--port", str(http_port)], ["worker"]):
-                children.append(subprocess.Popen([*cli, *command], env=env, start_new_session=True))
+                process = subprocess.Popen(
+                    [*cli, *command],
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=arm,  # noqa: PLW1509
+                )
+                children.append(process)
             import httpx
 
             wait_for(
@@ -145,12 +185,13 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
             print("a child process exited; stopping", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("\nstopping...", flush=True)
+            with contextlib.suppress(OSError):  # after a SIGHUP the terminal may be gone
+                print("\nstopping...", flush=True)
             return 0
         finally:
-            # a second Ctrl-C must not cut the orderly shutdown short
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # a second Ctrl-C (or SIGTERM, SIGHUP) must not cut the orderly shutdown short
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_IGN)
             stop.set()
             for child in children:
                 if child.poll() is None:

