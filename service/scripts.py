@@ -144,9 +144,10 @@ class Scripts:
         self._pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
 
     async def submit(self, call: Submit) -> SubmitResult:
-        """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
+        """Run submit_score (EVALSHA, reloading the script after a Redis restart). Sent
+        once: a lost reply is a ConnectionError, and the increment may have been counted."""
         keys = self._submit.checked(call.keys)
-        if self._pipeline is None:
+        if self._pipeline is None:  # a fake client (tests)
             return parse_submit(await self._submit.script(keys=keys, args=call.args))
         sha = self._submit.script.sha
         try:
