@@ -171,6 +171,8 @@ class SyncScripts:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
         self._swap = _Registered("swap_leaderboard", client)
+        self._trim = _Registered("trim_events", client)
+        self._forget = _Registered("forget_consumer", client)
 
     def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
@@ -186,6 +188,17 @@ class SyncScripts:
         after stream id `last_id`; the number replayed."""
         call = self._swap.checked([keys.rebuilt_leaderboard, keys.leaderboard, keys.events])
         return int(self._swap.script(keys=call, args=[last_id]))
+
+    def trim_events(self, keys: PartitionKeys) -> int:
+        """Trim the partition's events stream below the oldest entry a consumer group still
+        needs (one atomic step); the number of entries trimmed."""
+        return int(self._trim.script(keys=self._trim.checked([keys.events])))
+
+    def forget_consumer(self, keys: PartitionKeys, group: str, consumer: str, idle_ms: int) -> bool:
+        """Delete `consumer` of the events stream's `group` if it holds no pending entry and
+        has been idle for `idle_ms` (one atomic step); whether it was deleted."""
+        call = self._forget.checked([keys.events])
+        return bool(self._forget.script(keys=call, args=[group, consumer, idle_ms]))
 
 
 class _Registered:
