@@ -57,18 +57,6 @@ class OneLostReply(FaultProxy):
         self._server = self._call(asyncio.start_unix_server(self._handle, str(self.unix_path)))
         return self
 
-    def stop(self) -> None:
-        """Stop, and close the loop and every socket (FaultProxy.stop leaves its loop open,
-        and the sockets it resets are closed by the loop's next turns)."""
-
-        async def settle() -> None:
-            for _ in range(5):
-                await asyncio.sleep(0)
-
-        super().stop()
-        self._loop.run_until_complete(settle())
-        self._loop.close()
-
     def arm(self) -> None:
         self.dropped_replies = 0
         self.set(Mode.DROP_REPLIES)
