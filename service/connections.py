@@ -52,13 +52,13 @@ def async_redis(
     return aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
 
 
-def sync_redis(settings: Settings, *, reads_only: bool = False, **overrides: Any) -> redis.Redis:
+def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
     """A blocking client with bounded timeouts (CLI, persister), which never re-sends a
-    command; `reads_only` as for `async_redis`."""
+    command (see above)."""
     options: dict[str, Any] = {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
-        "retry": redis.retry.Retry(NoBackoff(), _retries(reads_only), _RETRIED),
+        "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
         "health_check_interval": 0,
     }
     return redis.Redis.from_url(settings.redis_url, **(options | overrides))
