@@ -209,3 +209,16 @@ def test_a_lost_reply_to_the_failure_counter_counts_once(
     finally:
         client.close()
         proxy.stop()
+
+
+def test_no_client_that_writes_retries_and_a_reading_one_may() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", jwt_secret="s" * 40)
+    sync_client = sync_redis(settings)
+    async_client = async_redis(settings)
+    reader = async_redis(settings, reads_only=True)
+    retries = [
+        c.connection_pool.make_connection().retry.get_retries()
+        for c in (sync_client, async_client, reader)
+    ]
+    assert retries == [0, 0, 1]
+    sync_client.close()
