@@ -150,9 +150,3 @@ def stream_key(stream_id: str) -> tuple[int, int]:
     """A stream id as a sortable (milliseconds, sequence) pair."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
-
-
-def next_id(stream_id: str) -> str:
-    """The smallest stream id greater than `stream_id`."""
-    ms, seq = stream_key(stream_id)
-    return f"{ms}-{seq + 1}"

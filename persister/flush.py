@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
+from redis.backoff import EqualJitterBackoff
 from redis.lock import Lock
 
 from persister import faults
@@ -38,15 +38,17 @@ LOCK_WAIT_S = 2.0
 """A requested flush waits this long for a running one of the same partition to finish."""
 MAX_FAILURES = 5
 """An event Postgres refuses this many times (a second apart at least) is dead-lettered."""
-BACKOFF_BASE_S = 0.1
-BACKOFF_CAP_S = 5.0
+BACKOFF = EqualJitterBackoff(cap=5.0, base=0.1)
+"""Waits between attempts while a store is away: exponential, capped at 5 s, jittered (between
+half and all of the ceiling, so retries spread but never spin)."""
+MAX_DOUBLINGS = 16
+"""Failures are counted up to this: the cap is reached long before, and redis-py's backoff
+computes base * 2**failures, which no longer fits a float past ~1000 (a long outage)."""
 
 
-def backoff(failures: int) -> float:
-    """Seconds to wait after `failures` consecutive failures: exponential, capped, jittered
-    ("equal jitter": between half and all of the ceiling, so retries spread but never spin)."""
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(failures, 16))
-    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not cryptography
+def failed_again(failures: int) -> int:
+    """The count of consecutive failures after one more (bounded, see MAX_DOUBLINGS)."""
+    return min(failures + 1, MAX_DOUBLINGS)
 
 
 @dataclass
@@ -143,8 +145,8 @@ class Persister:
                 inserted, refused = self.store.apply(events)
                 break
             except TRANSIENT as exc:
-                self._failures += 1
-                delay = backoff(self._failures)
+                self._failures = failed_again(self._failures)
+                delay = BACKOFF.compute(self._failures)
                 log.warning(
                     "partition %d: Postgres unavailable (%s: %s); %d events wait in Redis; "
                     "retrying in %.1fs",

@@ -147,6 +147,8 @@ class FlushRequester:
         self._wanted.put(partition)
 
     def _run(self) -> None:
+        """The thread: enqueue what is wanted, for as long as the process runs, whatever fails
+        (a thread that died here would leave every later request unheard)."""
         rq_queue = Queue(QUEUE, connection=sync_redis(self._settings))
         while True:
             wanted = {self._wanted.get()}
@@ -157,3 +159,5 @@ class FlushRequester:
                     enqueue_flush(rq_queue, partition)
                 except redis.RedisError as exc:
                     log.warning("could not request a flush of partition %d: %s", partition, exc)
+                except Exception:
+                    log.exception("could not request a flush of partition %d", partition)

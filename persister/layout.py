@@ -21,7 +21,7 @@ import time
 import psycopg
 import redis
 
-from persister.flush import backoff
+from persister.flush import BACKOFF, failed_again
 from service.connections import sync_redis
 from service.keys import KeySchema
 from service.layout import CHANGE_COMMAND, Layout, LayoutMismatch, decode, encode, layout_of
@@ -150,8 +150,8 @@ def ensure_waiting(settings: Settings) -> Layout:
             if recorded is None or not recorded.changing:
                 raise
             why = str(exc)
-        failures += 1
-        delay = backoff(failures)
+        failures = failed_again(failures)
+        delay = BACKOFF.compute(failures)
         log.warning("cannot check the partition layout yet (%s); again in %.1fs", why, delay)
         time.sleep(delay)
 

@@ -36,7 +36,7 @@ import psycopg
 import redis
 from redis.lock import Lock
 
-from persister.flush import LOCK_WAIT_S, Persister, backoff
+from persister.flush import BACKOFF, LOCK_WAIT_S, Persister, failed_again
 from persister.layout import read_postgres, read_redis, write_postgres, write_redis
 from persister.locks import PersisterBusy
 from persister.rebuild import REBUILD_LOCK_TTL_S, REBUILD_WAIT_S, Rebuilt, rebuild
@@ -239,9 +239,9 @@ def _drain(
                     f"{waiting} increments still wait in Redis after {timeout_s:.0f}s "
                     "(is Postgres up, is a worker stuck?)"
                 )
-            failures += 1
+            failures = failed_again(failures)
             say(f"   {waiting} increments still wait in Redis (pending or refused); again")
-            time.sleep(backoff(failures))
+            time.sleep(BACKOFF.compute(failures))
     finally:
         for keys in wide.all():
             with contextlib.suppress(redis.RedisError):

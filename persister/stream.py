@@ -13,9 +13,10 @@ from typing import Any
 
 import redis
 
-from persister.events import Batch, Event, RawEntry, StreamEntry, next_id, parse_raw
+from persister.events import Batch, Event, RawEntry, StreamEntry, parse_raw
 from service.keys import PartitionKeys
 from service.persister_lag import PERSISTER_GROUP
+from service.scripts import SyncScripts
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class EventStream:
         self.client = client
         self.keys = keys
         self.consumer = consumer
+        self._scripts = SyncScripts(client)
         # The same connections, for the two reads of a batch without redis-py's reply parsing
         # (a dict per entry): parse_raw reads the replies as they come.
         self._raw = redis.Redis(connection_pool=client.connection_pool)
@@ -95,27 +97,13 @@ class EventStream:
         pipe.hincrby(self.keys.persist_stats, "batches", 1)
         if reclaimed:
             pipe.hdel(self.keys.persist_failures, *reclaimed)
-        pipe.xpending(self.keys.events, PERSISTER_GROUP)
-        pipe.xinfo_groups(self.keys.events)
-        self._trim(*pipe.execute(raise_on_error=False)[-2:])
+        pipe.execute()
+        self.trim()
 
     def trim(self) -> None:
-        """Trim the stream below the oldest entry not yet acknowledged."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xpending(self.keys.events, PERSISTER_GROUP)
-        pipe.xinfo_groups(self.keys.events)
-        self._trim(*pipe.execute(raise_on_error=False))
-
-    def _trim(self, summary: Any, groups: Any) -> None:
-        if isinstance(summary, Exception) or isinstance(groups, Exception):
-            return  # the group is gone (a wiped Redis): nothing to trim
-        # MINID keeps the oldest entry not yet acknowledged: pending, or else undelivered
-        if summary["pending"]:
-            min_id = summary["min"].decode()
-        else:
-            group = next(g for g in groups if g["name"].decode() == PERSISTER_GROUP)
-            min_id = next_id(group["last-delivered-id"].decode())
-        self.client.xtrim(self.keys.events, minid=min_id, approximate=False)
+        """Trim the stream below the oldest entry not yet acknowledged: pending, or else not
+        yet delivered. One atomic step: the read-ahead's XREADGROUP may run at any time."""
+        self._scripts.trim_events(self.keys)
 
     def record_failure(self, event: Event) -> int:
         """Count one more refusal of `event` by Postgres; the count so far."""
@@ -144,7 +132,10 @@ class EventStream:
         )  # fmt: skip
 
     def forget_idle_consumers(self, idle_ms: int) -> None:
-        """Delete consumers that hold nothing and have been idle for `idle_ms` (dead workers)."""
+        """Delete consumers that hold nothing and have been idle for `idle_ms` (dead workers).
+
+        Each is checked again and deleted in one step: a worker that comes back meanwhile
+        keeps its consumer, and the entries it has just read stay pending."""
         try:
             consumers = self.client.xinfo_consumers(self.keys.events, PERSISTER_GROUP)
         except redis.ResponseError:
@@ -152,7 +143,7 @@ class EventStream:
         for consumer in consumers:
             name = consumer["name"].decode()
             if name != self.consumer and not consumer["pending"] and consumer["idle"] >= idle_ms:
-                self.client.xgroup_delconsumer(self.keys.events, PERSISTER_GROUP, name)
+                self._scripts.forget_consumer(self.keys, PERSISTER_GROUP, name, idle_ms)
 
 
 def _entries(reply: Any) -> list[RawEntry]:

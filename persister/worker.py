@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
-import time
 from types import FrameType
 
 import redis
@@ -23,7 +23,7 @@ from rq import SimpleWorker
 from rq.cron import CronScheduler
 
 from persister import jobs, layout
-from persister.flush import backoff
+from persister.flush import BACKOFF, failed_again
 from service.connections import check_redis_sync, sync_redis
 from service.settings import Settings
 
@@ -34,24 +34,36 @@ SWEEP_INTERVAL_S = 2
 
 
 class PersisterWorker(SimpleWorker):
-    """RQ's SimpleWorker, remembering whether it was asked to stop (or failed)."""
+    """RQ's SimpleWorker, setting `stop` when it is asked to stop (SIGTERM, SIGINT)."""
 
-    stopping = False
+    stop: threading.Event
+    max_connection_wait_time = 5.0
+    """RQ waits between reconnections, doubling, at most this long (RQ's default: 60 s): once
+    Redis is back, an outage of any length delays the persister by this much at most."""
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        self.stopping = True
+        self.stop.set()
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+
+    def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # type: ignore[no-untyped-call]
+        if self.stop.is_set():  # asked before RQ's handlers were in place: stop at once
+            self._stop_requested = True
 
 
 def run(settings: Settings) -> int:
-    """Run the worker until SIGTERM/SIGINT, or until the partition layout is changed under it;
-    the exit code (2 for a layout it does not run with)."""
-    _wait_for_redis(settings)
+    """Run the worker until SIGTERM/SIGINT or a change of the partition layout under it,
+    through outages of Redis or Postgres of any length; the exit code (2 for a layout it does
+    not run with)."""
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    _wait_for_redis(settings, stop)
+    if stop.is_set():
+        return 0
     layout.ensure_waiting(settings)
     persister = jobs.persister()
     quiet = "DEBUG" if os.environ.get("SCORE_LOG_LEVEL", "").upper() == "DEBUG" else "WARNING"
     logging.getLogger("rq").setLevel(quiet)  # RQ logs every job at INFO: one every 2s
-    stop = threading.Event()
     cron = threading.Thread(target=_enqueue_sweeps, args=(settings, stop), name="cron", daemon=True)
     cron.start()
     changed = threading.Event()
@@ -69,45 +81,64 @@ def run(settings: Settings) -> int:
     )  # fmt: skip
     failures = 0
     try:
-        while True:
+        while not stop.is_set():
             connection = sync_redis(settings)
-            worker = PersisterWorker([jobs.QUEUE], connection=connection, log_job_description=False)
             try:
+                # RQ talks to Redis from its constructor on (CLIENT SETNAME)
+                worker = PersisterWorker(
+                    [jobs.QUEUE], connection=connection, log_job_description=False
+                )
+                worker.stop = stop
                 worker.work(with_scheduler=True, logging_level=quiet)
-            except redis.RedisError as exc:  # raised by RQ's own cleanup while Redis is away
-                log.warning("the RQ worker failed: %s", exc)
+            except Exception as exc:  # Redis away (RQ's own bookkeeping raises): start again
+                log.warning("the RQ worker failed: %s: %s", type(exc).__name__, exc)
             finally:
                 connection.close()
-            if worker.stopping:
-                log.info("persister worker stopped")
-                return 2 if changed.is_set() else 0
-            failures += 1
-            delay = backoff(failures)
+            # RQ's handlers stay installed after its loop ends, bound to a worker that is gone
+            _stop_on_signals(stop)
+            if stop.is_set():
+                break
+            failures = failed_again(failures)
+            delay = BACKOFF.compute(failures)
             log.warning("the RQ worker loop ended on an error; starting it again in %.1fs", delay)
-            time.sleep(delay)
+            stop.wait(delay)
+        log.info("persister worker stopped")
+        return 2 if changed.is_set() else 0
     finally:
         stop.set()
         persister.close()
 
 
-def _wait_for_redis(settings: Settings) -> None:
-    """Return once Redis answers; ConfigError if it could evict our keys."""
+def _stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (while no RQ worker runs: it installs its own)."""
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _wait_for_redis(settings: Settings, stop: threading.Event) -> None:
+    """Return once Redis answers (or `stop` is set); ConfigError if it could evict our keys."""
     client = sync_redis(settings)
     failures = 0
     try:
-        while True:
+        while not stop.is_set():
             try:
                 check_redis_sync(client)
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-                failures += 1
+                failures = failed_again(failures)
                 log.warning("waiting for Redis: %s", exc)
-                time.sleep(backoff(failures))
+                stop.wait(BACKOFF.compute(failures))
     finally:
         client.close()
 
 
 def _enqueue_sweeps(settings: Settings, stop: threading.Event) -> None:
+    """The cron thread: enqueue the sweep every SWEEP_INTERVAL_S until `stop`, whatever fails
+    (a thread that died here would leave events waiting until a request asks for a flush)."""
     cron = CronScheduler(connection=sync_redis(settings), logging_level="WARNING")
     cron.register(
         jobs.sweep,
@@ -124,5 +155,8 @@ def _enqueue_sweeps(settings: Settings, stop: threading.Event) -> None:
             delay = cron.calculate_sleep_interval()
         except redis.RedisError as exc:
             log.warning("could not enqueue the sweep: %s", exc)
+            delay = SWEEP_INTERVAL_S
+        except Exception:
+            log.exception("could not enqueue the sweep")
             delay = SWEEP_INTERVAL_S
         stop.wait(max(delay, 0.05))

@@ -31,6 +31,7 @@ from service.reads import get_leaderboard, get_user
 from service.scores import post_score
 from service.scripts import Scripts
 from service.settings import Settings
+from service.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def create_app(
         finally:
             unhook_signals()
             await live.stop()
-            readiness.cancel()
+            await cancel_and_wait(readiness)
             if ctx.auth.jwks is not None:
                 await ctx.auth.jwks.stop()
             await pg.close()

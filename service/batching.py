@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
 LOOK_AGAIN_S = 0.02
+# redis-py's connections over asyncio streams (`_reader`, `_writer`), one per URL scheme
+_STREAM_CONNECTIONS = (
+    aioredis.Connection,
+    aioredis.SSLConnection,
+    aioredis.UnixDomainSocketConnection,
+)
 
 
 class AutoPipeline:
@@ -54,12 +60,15 @@ class AutoPipeline:
 
     @classmethod
     def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
-        """An AutoPipeline over `client`, or None when it cannot work with it (another
-        connection class, such as TLS, a Unix socket or a fake): use the client directly."""
+        """An AutoPipeline over `client`, or None when it cannot work with it (a fake, or a
+        connection class of another library): use the client directly.
+
+        TCP, TLS and Unix sockets alike: the pool opens the connection (with its TLS
+        handshake, AUTH and SELECT), and every scheme speaks through asyncio streams."""
         pool = getattr(client, "connection_pool", None)
         if type(client) is not aioredis.Redis or type(pool) is not aioredis.ConnectionPool:
             return None
-        if pool.connection_class is not aioredis.Connection:
+        if pool.connection_class not in _STREAM_CONNECTIONS:
             return None
         return cls(client, timeout)
 

@@ -78,8 +78,10 @@ class Broadcaster:
         self._idle = asyncio.Event()  # set while no client is connected
         self._idle.set()
         # A connection of its own: its reads block for BLOCK_MS, longer than the hot path's
-        # socket timeout allows.
-        self._redis = async_redis(self.settings, socket_timeout=BLOCK_MS / 1000 + 5)
+        # socket timeout allows. It only reads, so it may send a read again.
+        self._redis = async_redis(
+            self.settings, reads_only=True, socket_timeout=BLOCK_MS / 1000 + 5
+        )
         self._tasks = [
             asyncio.create_task(self._follow(), name="live-follow"),
             asyncio.create_task(self._fan_out(), name="live-fan-out"),

@@ -25,33 +25,53 @@ CONNECT_TIMEOUT_S = 0.25
 SAFE_EVICTION_POLICY = "noeviction"
 
 
-# One immediate retry on a broken connection: after a Redis restart, the first use of a
-# pooled connection fails and a fresh one succeeds. Timeouts are not retried: a hung Redis
-# costs one socket timeout, not two. (The asyncio client needs its own Retry class: given the
-# blocking one, it silently never retries.)
-_RETRIED = (redis.exceptions.ConnectionError,)
+# No client ever re-sends a command by itself. A command whose reply was lost (a connection
+# reset after Redis ran it) may have run: re-sent blindly, a script would count an increment
+# twice, a HINCRBY twice, a RENAME against the renamed key. Such a call fails with
+# ConnectionError; whoever made it decides (the hot path answers 503, and the client's retry
+# is made safe by its Idempotency-Key). Checking out a connection is not sending: the pool
+# replaces a pooled connection that Redis closed (a restart) before it is used.
+# A client that only reads may retry: `reads_only`.
+NO_RETRY = 0
 
 
-def async_redis(settings: Settings, **overrides: Any) -> aioredis.Redis:
-    """An asyncio client with bounded timeouts."""
+def async_redis(
+    settings: Settings, *, reads_only: bool = False, **overrides: Any
+) -> aioredis.Redis:
+    """An asyncio client with bounded timeouts, which never re-sends a command (see above).
+
+    `reads_only`: a client that only reads, and may send a read again once after a broken
+    connection (the asyncio client needs its own Retry class: given the blocking one, it
+    silently never retries)."""
     options: dict[str, Any] = {
         "socket_timeout": SOCKET_TIMEOUT_S,
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
-        "retry": redis.asyncio.retry.Retry(NoBackoff(), 1, _RETRIED),
+        "retry": redis.asyncio.retry.Retry(NoBackoff(), _retries(reads_only), _RETRIED),
         "health_check_interval": 0,
     }
     return aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
 
 
 def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
-    """A blocking client with bounded timeouts (CLI, persister)."""
+    """A blocking client with bounded timeouts (CLI, persister), which never re-sends a
+    command (see above)."""
     options: dict[str, Any] = {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
-        "retry": redis.retry.Retry(NoBackoff(), 1, _RETRIED),
+        "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
         "health_check_interval": 0,
     }
     return redis.Redis.from_url(settings.redis_url, **(options | overrides))
+
+
+# A read sent again after a broken connection: after a failover, the first use of a pooled
+# connection fails and a fresh one succeeds. Timeouts are not retried: a hung Redis costs
+# one socket timeout, not two.
+_RETRIED = (redis.exceptions.ConnectionError,)
+
+
+def _retries(reads_only: bool) -> int:
+    return 1 if reads_only else NO_RETRY
 
 
 def eviction_problem(info: dict[str, Any]) -> str | None:

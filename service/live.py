@@ -43,6 +43,7 @@ from service.subscribers import (
     limit_stuck_time,
     wire_of,
 )
+from service.tasks import cancel_and_wait
 
 SNAPSHOT_WAIT_S = 2.0  # a new client waits at most this long for a first leaderboard
 RETRY_AFTER_S = "1"
@@ -139,7 +140,7 @@ class _Endpoint:
         try:
             return self.counted(await pump(sub, send, pick, self.send_timeout_s))
         finally:
-            watcher.cancel()
+            await cancel_and_wait(watcher)
 
     @staticmethod
     def counted(ending: Ending) -> Ending:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,16 +14,34 @@ from service.errors import ApiError
 
 RETRY_AFTER_S = 1
 
-# Redis answers, but cannot take writes right now: out of memory (noeviction), a replica,
-# a cluster failing over. Each passes; none is the client's fault.
-_UNAVAILABLE = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.TryAgainError,
-)
+log = logging.getLogger(__name__)
+
+# Error replies of a Redis that answers but cannot serve right now, by their code: busy with
+# a long script, loading its data, a replica after a failover, a cluster without a master,
+# out of memory (noeviction), unable to persist. None is the client's fault.
+_WHY = {
+    "BUSY": "is busy running a script",
+    "LOADING": "is loading its data",
+    "READONLY": "is a read-only replica (a failover?)",
+    "MASTERDOWN": "has lost its master",
+    "TRYAGAIN": "is moving keys",
+    "CLUSTERDOWN": "is a cluster that is down",
+    "OOM": "is out of memory",
+    "MISCONF": "cannot persist writes",
+    "NOREPLICAS": "has not enough replicas",
+}
+
+
+_CODE = re.compile(r"\b(" + "|".join(_WHY) + r")\b")
+
+
+def _code(exc: redis.exceptions.RedisError) -> str:
+    """The error reply's code: redis-py keeps it aside for the errors it has a class for, and
+    wraps a pipeline's errors in a sentence ("Command # 1 (...) caused error: ('BUSY ...')")."""
+    if exc.status_code:
+        return exc.status_code
+    found = _CODE.search(str(exc))
+    return found.group(1) if found else ""
 
 
 def _unavailable(detail: str) -> ApiError:
@@ -30,22 +50,26 @@ def _unavailable(detail: str) -> ApiError:
 
 @asynccontextmanager
 async def redis_unavailable() -> AsyncIterator[None]:
-    """Turn Redis outages inside the block into ApiError(503) with Retry-After."""
+    """Turn every Redis error inside the block into ApiError(503) with Retry-After.
+
+    What reaches Redis has been validated: no Redis error is the client's fault. An outage
+    (unreachable, hung, or one of the states in `_WHY`) is expected; any other error reply
+    is logged as the bug it would be, and still answered 503, never 500.
+    """
     try:
         yield
-    except redis.exceptions.BusyLoadingError:
-        raise _unavailable("Redis is loading its data; retry shortly") from None
-    except _UNAVAILABLE as exc:
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        if isinstance(exc, redis.exceptions.BusyLoadingError):
+            raise _unavailable("the score store is loading its data; retry shortly") from None
         raise _unavailable(
             f"the score store is unavailable ({type(exc).__name__}); retry shortly"
         ) from None
-    except redis.exceptions.ResponseError as exc:
-        # MISCONF: Redis refuses writes because it cannot persist them (disk full, AOF error)
-        if not str(exc).startswith("MISCONF"):
-            raise
-        raise _unavailable(
-            "the score store cannot persist writes right now; retry shortly"
-        ) from None
+    except redis.exceptions.RedisError as exc:
+        why = _WHY.get(_code(exc))
+        if why is None:
+            log.error("unexpected Redis error, answered 503", exc_info=True)
+            why = "refused the call"
+        raise _unavailable(f"the score store {why}; retry shortly") from None
 
 
 def refuse_until_ready(ctx: Context) -> None:

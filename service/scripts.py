@@ -168,9 +168,10 @@ class Scripts:
         self._pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
 
     async def submit(self, call: Submit) -> SubmitResult:
-        """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
+        """Run submit_score (EVALSHA, reloading the script after a Redis restart). Sent
+        once: a lost reply is a ConnectionError, and the increment may have been counted."""
         keys = self._submit.checked(call.keys)
-        if self._pipeline is None:
+        if self._pipeline is None:  # a fake client (tests)
             return parse_submit(await self._submit.script(keys=keys, args=call.args))
         sha = self._submit.script.sha
         try:
@@ -201,6 +202,8 @@ class SyncScripts:
         self._swap = _Registered("swap_leaderboard", client)
         self._provision = _Registered("provision_users", client)
         self._repair = _Registered("repair_scores", client)
+        self._trim = _Registered("trim_events", client)
+        self._forget = _Registered("forget_consumer", client)
 
     def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
@@ -238,6 +241,17 @@ class SyncScripts:
         call = self._repair.checked([keys.leaderboard, keys.repair_applied(token)])
         applied = int(self._repair.script(keys=call, args=args))
         return None if applied < 0 else applied
+
+    def trim_events(self, keys: PartitionKeys) -> int:
+        """Trim the partition's events stream below the oldest entry a consumer group still
+        needs (one atomic step); the number of entries trimmed."""
+        return int(self._trim.script(keys=self._trim.checked([keys.events])))
+
+    def forget_consumer(self, keys: PartitionKeys, group: str, consumer: str, idle_ms: int) -> bool:
+        """Delete `consumer` of the events stream's `group` if it holds no pending entry and
+        has been idle for `idle_ms` (one atomic step); whether it was deleted."""
+        call = self._forget.checked([keys.events])
+        return bool(self._forget.script(keys=call, args=[group, consumer, idle_ms]))
 
 
 class _Registered:

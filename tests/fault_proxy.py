@@ -72,7 +72,9 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
-            self._loop.close()  # else its self-pipe leaks (a ResourceWarning, an error here)
+            # the connections just reset close their sockets on the loop's next turns
+            self._loop.run_until_complete(asyncio.sleep(0.01))
+            self._loop.close()
 
     def set(self, mode: Mode, delay_s: float = 0.0) -> None:
         self.mode, self.delay_s = mode, delay_s

@@ -127,8 +127,8 @@ async def test_a_hung_redis_times_out_every_waiting_call(own_redis: RedisServer)
         await c.aclose()
 
 
-def test_clients_it_cannot_pipeline_on_are_left_to_redis_py() -> None:
+def test_fakes_are_left_to_redis_py_and_every_scheme_is_pipelined() -> None:
     fake = fakeredis.FakeAsyncRedis()
     assert AutoPipeline.for_client(fake, SOCKET_TIMEOUT_S) is None
-    tls = aioredis.Redis.from_url("rediss://127.0.0.1:1/0")
-    assert AutoPipeline.for_client(tls, SOCKET_TIMEOUT_S) is None
+    for url in ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/r.sock"]:
+        assert AutoPipeline.for_client(aioredis.Redis.from_url(url), SOCKET_TIMEOUT_S)
