@@ -104,6 +104,10 @@ class AutoPipeline:
             conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         except Exception as exc:  # every queued call gets the reason
             self._connecting = None
+            if not isinstance(exc, redis.exceptions.RedisError):
+                # a connection reset during the handshake can surface as uvloop's RuntimeError
+                # ("the handler is closed"): still Redis being unreachable, a 503, never a 500
+                exc = redis.exceptions.ConnectionError(f"cannot connect to Redis: {exc!r}")
             self._fail_queued(exc)
             return
         self._connecting = None

@@ -132,3 +132,21 @@ def test_fakes_are_left_to_redis_py_and_every_scheme_is_pipelined() -> None:
     assert AutoPipeline.for_client(fake, SOCKET_TIMEOUT_S) is None
     for url in ["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0", "unix:///tmp/r.sock"]:
         assert AutoPipeline.for_client(aioredis.Redis.from_url(url), SOCKET_TIMEOUT_S)
+
+
+async def test_a_connect_that_fails_outside_redis_py_is_still_a_connection_error(
+    client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen in the chaos soak: a reset during the handshake surfaces under uvloop as a
+    # RuntimeError, which the hot path answered with a 500. It must be a ConnectionError (503).
+    pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
+    assert pipeline is not None
+
+    async def closed(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    monkeypatch.setattr(client.connection_pool, "get_connection", closed)
+    with pytest.raises(redis.exceptions.ConnectionError, match="cannot connect to Redis"):
+        await pipeline.execute("PING")
+    monkeypatch.undo()
+    assert await pipeline.execute("PING") == b"PONG"
