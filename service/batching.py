@@ -68,7 +68,7 @@ class AutoPipeline:
         pool = getattr(client, "connection_pool", None)
         if type(client) is not aioredis.Redis or type(pool) is not aioredis.ConnectionPool:
             return None
-        if pool.connection_class not in _STREAM_CONNECTIONS:
+        if not issubclass(pool.connection_class, _STREAM_CONNECTIONS):
             return None
         return cls(client, timeout)
 

@@ -7,6 +7,7 @@ about a second (then 503 with Retry-After), never a hang.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 import redis.asyncio.retry
 import redis.exceptions
 import redis.retry
+from redis.asyncio.connection import AbstractConnection
 from redis.backoff import NoBackoff
 
 from service.settings import ConfigError, Settings
@@ -49,7 +51,42 @@ def async_redis(
         "retry": redis.asyncio.retry.Retry(NoBackoff(), _retries(reads_only), _RETRIED),
         "health_check_interval": 0,
     }
-    return aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
+    client = aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
+    pool = client.connection_pool
+    pool.connection_class = _CLOSED_TRANSPORT_SAFE.get(pool.connection_class, pool.connection_class)
+    return client
+
+
+class _ClosedTransportIsConnectionError(AbstractConnection):
+    """Under uvloop, a write to a transport that a reset closed meanwhile (even inside the
+    connect handshake) raises RuntimeError("... the handler is closed"), which redis-py does not
+    expect: it would surface as a 500. It is a broken connection, so redis-py's own OSError
+    path (disconnect, then ConnectionError: a 503) takes it."""
+
+    async def _send_packed_command(self, command: Iterable[bytes]) -> None:
+        try:
+            await super()._send_packed_command(command)
+        except RuntimeError as exc:
+            raise ConnectionResetError(str(exc)) from exc
+
+
+class _SafeConnection(_ClosedTransportIsConnectionError, aioredis.Connection):
+    pass
+
+
+class _SafeSSLConnection(_ClosedTransportIsConnectionError, aioredis.SSLConnection):
+    pass
+
+
+class _SafeUnixConnection(_ClosedTransportIsConnectionError, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_CLOSED_TRANSPORT_SAFE: dict[type[Any], type[Any]] = {
+    aioredis.Connection: _SafeConnection,
+    aioredis.SSLConnection: _SafeSSLConnection,
+    aioredis.UnixDomainSocketConnection: _SafeUnixConnection,
+}
 
 
 def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:

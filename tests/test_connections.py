@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import redis
 import redis.exceptions
+import uvloop
 from conftest import Servers
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -154,6 +155,7 @@ def test_a_submit_whose_reply_is_lost_fails_and_counts_once(
     direct.flushall()
     settings = Settings(redis_url=server.url, jwt_secret="s" * 40)
     schema = KeySchema(settings.partitions)
+    direct.mset(dict.fromkeys(schema.ready_markers, "1"))  # as after a first rebuild
     user = f"u-{uuid.uuid4().hex[:12]}"
     with psycopg.connect(servers.postgres.url) as conn:
         provision_sync(conn, direct, schema, settings.top_n, [user])
@@ -222,3 +224,25 @@ def test_no_client_that_writes_retries_and_a_reading_one_may() -> None:
     ]
     assert retries == [0, 0, 1]
     sync_client.close()
+
+
+def test_a_transport_closed_under_uvloop_is_a_connection_error(servers: Servers) -> None:
+    """Seen in the chaos soak: under uvloop (as `serve` runs), a write to a transport that a
+    reset closed raises RuntimeError("... the handler is closed"), which redis-py let through as
+    a 500. It is a broken connection: ConnectionError (503), and the next call reconnects."""
+
+    async def scenario() -> bytes:
+        client = async_redis(Settings(redis_url=servers.redis.url, jwt_secret="s" * 40))
+        try:
+            assert await client.ping()
+            conn = await client.connection_pool.get_connection()
+            conn._writer.transport.abort()  # the reset, as the loop sees it
+            await asyncio.sleep(0)
+            with pytest.raises(redis.exceptions.ConnectionError):
+                await conn.send_command("PING")
+            await client.connection_pool.release(conn)
+            return await client.echo("again")
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(scenario()) == b"again"

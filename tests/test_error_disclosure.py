@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app
 from service.devservers import free_port, wait_for
+from service.keys import KeySchema
 from service.settings import Settings
 
 
@@ -25,7 +26,7 @@ def test_a_failed_rebuild_shows_no_database_address(
 ) -> None:
     port = free_port()  # nothing listens there: the rebuild's connection is refused
     env = make_env(servers, DATABASE_URL=f"postgresql://127.0.0.1:{port}/nowhere")
-    r.delete("score:ready")  # a Redis that must be rebuilt from (the unreachable) Postgres
+    r.delete(*KeySchema(1).ready_markers)  # Redis must be rebuilt from an unreachable Postgres
     caplog.set_level(logging.INFO)
     with TestClient(create_app(Settings.from_env(env), rebuild=rebuild_if_missing)) as c:
         wait_for(lambda: "rebuild failed" in c.get("/readyz").text, 30, "the failed rebuild")

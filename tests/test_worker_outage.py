@@ -103,6 +103,7 @@ def _setup(
     env = make_env(servers, REDIS_URL=worker_redis_url, DATABASE_URL=postgres_url)
     settings = Settings.from_env(env | {"REDIS_URL": redis_server.url})
     client = redis.Redis.from_url(redis_server.url)
+    client.mset(dict.fromkeys(KeySchema(settings.partitions).ready_markers, "1"))
     user = f"w-{uuid.uuid4().hex[:10]}"
     with psycopg.connect(postgres_url) as conn:
         migrate(conn)
