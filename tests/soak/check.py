@@ -37,16 +37,19 @@ class Verdict:
 
 def drain(stack: Stack, timeout: float) -> str | None:
     """Wait until the service is ready and no increment waits in Redis; the failure if not."""
-    from .driver import unpersisted
+    from .driver import LAST_LAG_ERROR, unpersisted
+
+    last = {"body": ""}
+
+    def ready() -> bool:
+        resp = httpx.get(stack.base + "/readyz", timeout=2)
+        last["body"] = resp.text
+        return resp.status_code == 200
 
     try:
-        wait_for(
-            lambda: httpx.get(stack.base + "/readyz", timeout=2).status_code == 200,
-            timeout,
-            "the service to be ready after the faults",
-        )
+        wait_for(ready, timeout, "the service to be ready after the faults")
     except Exception as exc:
-        return f"not ready {timeout:.0f}s after the faults stopped: {exc}"
+        return f"not ready {timeout:.0f}s after the faults stopped: {exc}; /readyz: {last['body']}"
     deadline = time.monotonic() + timeout
     left: int | None = None
     while time.monotonic() < deadline:
@@ -54,9 +57,10 @@ def drain(stack: Stack, timeout: float) -> str | None:
         if left == 0:
             return None
         time.sleep(0.2)
-    return (
-        f"the persister did not drain within {timeout:.0f}s after the faults stopped: "
+    return f"the persister did not drain within {timeout:.0f}s after the faults stopped: " + (
         f"{left} increments still waiting in Redis (pending or undelivered)"
+        if left is not None
+        else f"Redis could not be read ({LAST_LAG_ERROR[0]})"
     )
 
 

@@ -50,12 +50,17 @@ QUIESCE_S = 90.0
 WIPE_GRACE_S = 5.0  # drift seen this soon after a FLUSHALL may be the rebuild not done yet
 
 
+LAST_LAG_ERROR = [""]
+"""Why the last `unpersisted` could not tell (for the report)."""
+
+
 def unpersisted(stack: Stack) -> int | None:
     """Increments waiting in Redis for the persister (None: Redis did not answer)."""
     client = stack.redis_client()
     try:
         return sum(lag.unpersisted for lag in read_lags_sync(client, stack.schema().all()))
-    except Exception:  # Redis restarting, loading: not known now
+    except Exception as exc:  # Redis restarting, loading: not known now
+        LAST_LAG_ERROR[0] = f"{type(exc).__name__}: {exc}"
         return None
     finally:
         client.close()
