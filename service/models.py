@@ -75,8 +75,16 @@ class Adjustment(msgspec.Struct, forbid_unknown_fields=True):
     """One item of POST /api/v1/admin/scores: `delta` may be negative, never zero."""
 
     user_id: UserId
-    delta: Annotated[int, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE)]
-    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    delta: Annotated[
+        int, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE, extra_json_schema={"not": {"const": 0}})
+    ]
+    # the pattern is checked after decoding (service.admin), with its own message
+    idempotency_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=200, extra_json_schema={"pattern": "^[\\x21-\\x7e]{1,200}$"}
+        ),
+    ]
 
 
 class AdjustmentsRequest(msgspec.Struct, forbid_unknown_fields=True):
