@@ -76,6 +76,7 @@ class Settings:
     live_max_per_client: int = 50
     live_send_timeout_s: float = 5.0
     live_ping_interval_s: float = 20.0
+    # SCORE_CORS_ORIGINS: the live Origin check, the /embed framers and CORS (service.cors)
     live_allowed_origins: tuple[str, ...] = ()
     live_max_message_bytes: int = 1024
     # Persister

@@ -42,7 +42,8 @@ def preflight(client: TestClient, origin: str, headers: str) -> Any:
 def test_one_list_feeds_cors_and_the_live_origin_check(env: dict[str, str]) -> None:
     new = Settings.from_env({**env, "SCORE_CORS_ORIGINS": GAME})
     old = Settings.from_env({**env, "SCORE_LIVE_ALLOWED_ORIGINS": GAME})
-    both = Settings.from_env({**env, "SCORE_CORS_ORIGINS": GAME, "SCORE_LIVE_ALLOWED_ORIGINS": GAME})
+    same = {"SCORE_CORS_ORIGINS": GAME, "SCORE_LIVE_ALLOWED_ORIGINS": GAME}
+    both = Settings.from_env({**env, **same})
     assert new.live_allowed_origins == old.live_allowed_origins == both.live_allowed_origins
     assert new.live_allowed_origins == (GAME,)
     with pytest.raises(ConfigError, match="SCORE_CORS_ORIGINS"):
