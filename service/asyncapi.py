@@ -23,8 +23,8 @@ _FRAMES = (
 _WS = (
     "Clients need send nothing; a message over SCORE_LIVE_MAX_MESSAGE_BYTES closes the socket. "
     "An Origin not allowed (SCORE_CORS_ORIGINS) is refused in the handshake (403). "
-    "Close codes: 1001 the server is shutting down (reconnect); 1008 the Origin is not "
-    "allowed; 1009 the client sent too much; 1011 no answer to protocol pings; 1013 a "
+    "Close codes: 1001 the server is shutting down (reconnect); 1009 the client sent too "
+    "much; 1011 no answer to protocol pings; 1013 a "
     "connection limit is reached or no leaderboard is known yet (retry later); 4001 the "
     "client reads too slowly (a send waited over SCORE_LIVE_SEND_TIMEOUT_MS)."
 )

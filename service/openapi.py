@@ -20,7 +20,7 @@ from service import models
 from service.admin import MAX_BODY_BYTES as ADMIN_MAX_BODY_BYTES
 from service.asyncapi import ASYNCAPI_PATH
 from service.health import Readiness
-from service.scores import MAX_BODY_BYTES
+from service.scores import IDEMPOTENCY_KEY, MAX_BODY_BYTES
 
 OPENAPI_PATH = "/openapi.json"
 
@@ -163,7 +163,7 @@ def _paths(user_id: Json) -> Json:
                         "name": "Idempotency-Key",
                         "in": "header",
                         "required": False,
-                        "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,200}$"},
+                        "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY.pattern},
                         "description": "A retry with the same key returns the first result.",
                     }
                 ],

@@ -20,6 +20,7 @@ from service.devservers import wait_for
 from service.keys import KeySchema
 from service.layout import Layout, encode
 from service.openapi import OPENAPI_PATH
+from service.scores import IDEMPOTENCY_KEY
 from service.settings import Settings
 
 _CONVERTER = re.compile(r"\{(\w+):\w+\}")
@@ -133,3 +134,9 @@ def test_the_asyncapi_frame_schema_fits_a_real_frame(client: TestClient, add_use
 
 def test_the_documents_are_built_once() -> None:
     assert asyncapi_document() is asyncapi_document()
+
+
+def test_the_idempotency_key_patterns_are_the_checked_one(client: TestClient) -> None:
+    schemas = client.get(OPENAPI_PATH).json()["components"]["schemas"]
+    adjustment = schemas["Adjustment"]["properties"]["idempotency_key"]
+    assert adjustment["pattern"] == IDEMPOTENCY_KEY.pattern
