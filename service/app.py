@@ -14,10 +14,12 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from service.admin import post_scores, post_users
+from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
 from service.broadcast import Broadcaster
 from service.connections import async_redis, check_redis
 from service.context import Context, FlushRequester
+from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
 from service.going_away import hook_shutdown_signals
 from service.health import healthz, metrics, readyz
@@ -25,7 +27,7 @@ from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
 from service.layout import problem as layout_problem
 from service.live import live_routes
-from service.openapi import openapi
+from service.openapi import OPENAPI_PATH, openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.scores import post_score
@@ -104,12 +106,14 @@ def create_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/api/v1/admin/users", post_users, methods=["POST"]),
         Route("/api/v1/admin/scores", post_scores, methods=["POST"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
+        Route(OPENAPI_PATH, openapi, methods=["GET"]),
+        Route(ASYNCAPI_PATH, asyncapi, methods=["GET"]),
         *live_routes(live),
         *page_routes(settings),
     ]
     return Starlette(
         routes=routes,
+        middleware=cors_middleware(settings),
         lifespan=lifespan,
         exception_handlers={
             ApiError: api_error_handler,

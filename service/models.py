@@ -42,6 +42,8 @@ class ScoreUpdated(msgspec.Struct):
 
 
 class Entry(msgspec.Struct):
+    """One row of a leaderboard: equal scores share a rank and are listed by user_id."""
+
     rank: int
     user_id: str
     score: int
@@ -55,6 +57,8 @@ class Leaderboard(msgspec.Struct, tag_field="type", tag="leaderboard"):
 
 
 class UserScore(msgspec.Struct):
+    """200 reply of GET /api/v1/users/{user_id}."""
+
     user_id: str
     score: int
     rank: int
@@ -67,6 +71,8 @@ class UsersRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class UsersProvisioned(msgspec.Struct):
+    """200 reply of POST /api/v1/admin/users: new users, and those that already existed."""
+
     created: int
     existing: int
 
@@ -75,15 +81,27 @@ class Adjustment(msgspec.Struct, forbid_unknown_fields=True):
     """One item of POST /api/v1/admin/scores: `delta` may be negative, never zero."""
 
     user_id: UserId
-    delta: Annotated[int, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE)]
-    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    delta: Annotated[
+        int, msgspec.Meta(ge=-MAX_SCORE, le=MAX_SCORE, extra_json_schema={"not": {"const": 0}})
+    ]
+    # the pattern is checked after decoding (service.admin), with its own message
+    idempotency_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1, max_length=200, extra_json_schema={"pattern": "^[\\x21-\\x7e]{1,200}$"}
+        ),
+    ]
 
 
 class AdjustmentsRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of POST /api/v1/admin/scores."""
+
     adjustments: Annotated[list[Adjustment], msgspec.Meta(min_length=1, max_length=1000)]
 
 
 class AdjustmentResult(msgspec.Struct):
+    """One item's outcome; `new_score` for `applied` and `replayed` only."""
+
     user_id: str
     idempotency_key: str
     status: Literal["applied", "replayed", "unknown_user", "out_of_range", "conflict"]
@@ -91,6 +109,8 @@ class AdjustmentResult(msgspec.Struct):
 
 
 class AdjustmentsApplied(msgspec.Struct):
+    """200 reply of POST /api/v1/admin/scores: one result per item, in order."""
+
     results: list[AdjustmentResult]
 
 

@@ -76,6 +76,7 @@ class Settings:
     live_max_per_client: int = 50
     live_send_timeout_s: float = 5.0
     live_ping_interval_s: float = 20.0
+    # SCORE_CORS_ORIGINS: the live Origin check, the /embed framers and CORS (service.cors)
     live_allowed_origins: tuple[str, ...] = ()
     live_max_message_bytes: int = 1024
     # Persister
@@ -120,7 +121,7 @@ class Settings:
                 f"SCORE_RATE_LIMIT {rate_limit!r} with SCORE_RATE_BURST {burst}: a full burst "
                 "would take more than 10 years to refill; use a faster rate or a smaller burst"
             )
-        origins = _opt(e, "SCORE_LIVE_ALLOWED_ORIGINS")
+        origins = _origins(e)
         return cls(
             redis_url=redis_url,
             database_url=database_url,
@@ -159,6 +160,19 @@ def _stores_only(env: Mapping[str, str]) -> dict[str, str]:
     if any(env.get(k) for k in keys):
         return dict(env)
     return {**env, "SCORE_JWT_JWKS_URL": "https://unused.invalid/"}
+
+
+def _origins(env: Mapping[str, str]) -> str | None:
+    """SCORE_CORS_ORIGINS: the one list of browser origins allowed to call the REST API
+    (CORS) and to open the live endpoints (the WebSocket/SSE Origin check).
+    SCORE_LIVE_ALLOWED_ORIGINS is its older name, still read when the new one is unset."""
+    new, old = _opt(env, "SCORE_CORS_ORIGINS"), _opt(env, "SCORE_LIVE_ALLOWED_ORIGINS")
+    if new is not None and old is not None and new != old:
+        raise ConfigError(
+            "SCORE_CORS_ORIGINS and SCORE_LIVE_ALLOWED_ORIGINS (its older name) differ: "
+            "set SCORE_CORS_ORIGINS alone"
+        )
+    return new or old
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:

@@ -6,14 +6,18 @@ failure, not a skip."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from shutil import which
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import httpx
 import pytest
+from live_support import running
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 
 pytestmark = pytest.mark.browser
@@ -132,3 +136,68 @@ def test_the_embeddable_view_takes_its_options_from_the_query(
     expect(page.locator("li")).to_have_count(2)
     expect(page.locator("li").first).to_have_attribute("data-user", players[3])
     expect(board).to_have_attribute("theme", "light")
+
+
+GAME_PAGE = b"<!doctype html><title>a game on another origin</title>"
+# What a browser game does: post the player's score with its bearer token, read the reply.
+POST_SCORE = """async ([url, token, userId]) => {
+  try {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: {"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+      body: JSON.stringify({user_id: userId, score_increase: 5}),
+    });
+    return {status: response.status, body: await response.json(),
+            rateLimit: response.headers.get("RateLimit")};
+  } catch (error) {
+    return {error: String(error)};
+  }
+}"""
+
+
+@contextlib.contextmanager
+def game_origin() -> Iterator[str]:
+    """A page served from another origin than the service's: http://127.0.0.1:<its port>."""
+
+    class Game(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(GAME_PAGE)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Game)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_game_on_an_allowed_origin_posts_scores_and_another_cannot(
+    env, add_users, token, page, tmp_path
+) -> None:
+    (player,) = add_users(count=1)
+    with game_origin() as allowed, game_origin() as other:
+        cors = {**env, "SCORE_CORS_ORIGINS": allowed}
+        with running(cors, tmp_path / "serve.log") as service:
+            # the service by name, the game by address: two origins for the browser
+            url = service.base.replace("127.0.0.1", "localhost") + "/api/v1/score"
+            page.goto(allowed + "/")
+            posted = page.evaluate(POST_SCORE, [url, token(player), player])
+            assert posted["status"] == 200, posted
+            assert posted["body"]["new_score"] == 5
+            assert posted["rateLimit"]  # an exposed header
+
+            page.goto(other + "/")
+            refused = page.evaluate(POST_SCORE, [url, token(player), player])
+            assert "error" in refused, refused  # the browser hides the answer (a TypeError)
+            # the preflight was refused: nothing was posted
+            board = httpx.get(service.base + f"/api/v1/users/{player}").json()
+            assert board["score"] == 5
