@@ -58,6 +58,21 @@ MIGRATIONS: list[str] = [
     );
     """,
     # ---- end of the partition layout ---------------------------------------------------------
+    # ---- the ledger's retention (persister.prune): its own statement -------------------------
+    # Per user, the sum and count of the events `score-service ledger prune` deleted from
+    # score_events, updated in the same transaction as each delete: a score stays the sum of
+    # its events plus this (reconcile checks it). A table of its own, not a column of users:
+    # the persister updates users on every batch, and a prune must never wait for it or make
+    # it wait.
+    """
+    CREATE TABLE IF NOT EXISTS score_events_pruned (
+        user_id    text PRIMARY KEY REFERENCES users (user_id),
+        total      bigint NOT NULL,
+        events     bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+    # ---- end of the ledger's retention -------------------------------------------------------
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).
