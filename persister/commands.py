@@ -32,7 +32,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         f"rebuilt Redis from Postgres: {done.users} users, {done.unpersisted} increments not yet "
         f"persisted included, {done.replayed} accepted during the rebuild replayed, "
         f"{done.records} Idempotency-Key records restored, in {done.seconds:.1f}s "
-        f"({rate(done.users, done.seconds)} users)"
+        f"(users at {rate(done.users, done.seconds)})"
     )
     return 0
 
