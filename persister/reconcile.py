@@ -74,7 +74,8 @@ class Report:
     unpersisted: int = 0
     drift: list[Drift] = field(default_factory=list)
     ledger: list[tuple[str, int, int]] = field(default_factory=list)
-    """Users whose score is not the sum of their events: (user, score, sum of events)."""
+    """Users whose score is not the sum of their events: (user, score, sum of events, those
+    pruned included)."""
     repaired: int = 0
     provisioned_since: int = 0
     """Members Postgres has, but not in the snapshot: provisioned while reconcile ran."""

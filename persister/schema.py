@@ -2,7 +2,8 @@
 
 `users.score` is the source of truth for a user's total; `score_events` is the append-only
 ledger that makes applying an event idempotent (its service-made id is the primary key), and
-lets reconcile check that every total is the sum of its events. An increment made with an
+lets reconcile check that every total is the sum of its events (those `ledger prune` deleted
+counted by the per-user totals it carried forward, `score_events_pruned`). An increment made with an
 Idempotency-Key also records the key and the total it produced: a rebuild of Redis restores
 the idempotency records of the last SCORE_IDEMPOTENCY_TTL from them.
 """
