@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from collections.abc import Callable
 
+from service.progress import Meter, rate
 from service.settings import Settings
 
 # The commands' modules are imported when a command runs: `score-service token` need not load
@@ -23,12 +25,14 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     settings = Settings.for_stores()
     ensure(settings)
-    done = rebuild(settings, force=True)
+    with Meter("rebuild") as meter:
+        done = rebuild(settings, force=True, progress=meter)
     assert done is not None  # forced: it always runs
     print(
         f"rebuilt Redis from Postgres: {done.users} users, {done.unpersisted} increments not yet "
         f"persisted included, {done.replayed} accepted during the rebuild replayed, "
-        f"{done.records} Idempotency-Key records restored, in {done.seconds:.1f}s"
+        f"{done.records} Idempotency-Key records restored, in {done.seconds:.1f}s "
+        f"(users at {rate(done.users, done.seconds)})"
     )
     return 0
 
@@ -39,9 +43,35 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     settings = Settings.for_stores()
     ensure(settings)
-    report = reconcile(settings, repair=args.repair)
+    with Meter("reconcile") as meter:
+        report = reconcile(settings, repair=args.repair, progress=meter)
     print(render(report))
     return 0 if report.clean else 1
+
+
+def cmd_ledger_prune(args: argparse.Namespace) -> int:
+    from persister.layout import ensure
+    from persister.prune import prune
+
+    settings = Settings.for_stores()
+    ensure(settings)
+    with Meter("ledger prune") as meter:
+        done = prune(settings, args.before, progress=meter)
+    print(
+        f"ledger: pruned {done.events} events recorded before {args.before.isoformat()} "
+        f"({done.users} users' totals carried forward), {done.pages} pages scanned "
+        f"in {done.seconds:.1f}s ({rate(done.events, done.seconds)})"
+    )
+    return 0
+
+
+def _date(text: str) -> dt.datetime:
+    """An ISO 8601 date or time; UTC unless it says otherwise."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date: {text!r}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
 
 
 def _worker(p: argparse.ArgumentParser) -> None:
@@ -70,8 +100,26 @@ def _reconcile(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_reconcile)
 
 
+def _ledger(p: argparse.ArgumentParser) -> None:
+    p.description = "The ledger of score events (score_events) in Postgres."
+    actions = p.add_subparsers(dest="action", required=True)
+    prune = actions.add_parser(
+        "prune",
+        help="delete the ledger's rows older than DATE, keeping each user's sum",
+        description="Delete the ledger's rows of events recorded before DATE, carrying each "
+        "user's sum forward (reconcile still checks every score). Refused (exit 2) for a DATE "
+        "less than a day old, inside the Idempotency-Key window, or newer than the oldest "
+        "event Redis still holds for the persister. Safe while everything runs.",
+    )
+    prune.add_argument(
+        "--before", type=_date, required=True, metavar="DATE", help="ISO 8601; UTC by default"
+    )
+    prune.set_defaults(func=cmd_ledger_prune)
+
+
 COMMANDS: list[tuple[str, Callable[[argparse.ArgumentParser], None]]] = [
     ("worker", _worker),
     ("rebuild", _rebuild),
     ("reconcile", _reconcile),
+    ("ledger", _ledger),
 ]

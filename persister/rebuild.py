@@ -50,6 +50,7 @@ from persister.resend import resent
 from persister.unpersisted import Unpersisted, last_entry_id, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema, PartitionKeys
+from service.progress import Progress, no_progress
 from service.scripts import Swapped, SyncScripts
 from service.settings import Settings
 
@@ -89,9 +90,10 @@ def rebuild_if_missing(settings: Settings) -> None:
         log.info("rebuilt Redis from Postgres: %s", done)
 
 
-def rebuild(settings: Settings, *, force: bool) -> Rebuilt | None:
+def rebuild(settings: Settings, *, force: bool, progress: Progress = no_progress) -> Rebuilt | None:
     """Rebuild every partition's leaderboard and top-N from Postgres, then set the ready
-    marker. Unless `force`, do nothing (None) when the marker is already set."""
+    marker. Unless `force`, do nothing (None) when the marker is already set. `progress`
+    hears of the users filled and the increments replayed, chunk by chunk."""
     client = sync_redis(settings)
     schema = KeySchema(settings.partitions)
     lock = client.lock(schema.rebuild_lock, timeout=REBUILD_LOCK_TTL_S, sleep=0.1)
@@ -101,7 +103,7 @@ def rebuild(settings: Settings, *, force: bool) -> Rebuilt | None:
         try:
             if not force and is_ready(client, schema):
                 return None
-            return _rebuild(client, settings, lock.reacquire)
+            return _rebuild(client, settings, lock.reacquire, progress)
         finally:
             with contextlib.suppress(redis.exceptions.LockError):
                 lock.release()
@@ -114,7 +116,9 @@ def is_ready(client: redis.Redis, schema: KeySchema) -> bool:
     return int(client.exists(*schema.ready_markers)) == schema.partitions
 
 
-def _rebuild(client: redis.Redis, settings: Settings, renew: Callable[[], None]) -> Rebuilt:
+def _rebuild(
+    client: redis.Redis, settings: Settings, renew: Callable[[], None], progress: Progress
+) -> Rebuilt:
     began = time.monotonic()
     schema = KeySchema(settings.partitions)
     token = uuid.uuid4().hex
@@ -142,12 +146,12 @@ def _rebuild(client: redis.Redis, settings: Settings, renew: Callable[[], None])
             records = restore_records(
                 client, conn, schema, settings.idempotency_ttl_s, keyed, keep_alive
             )
-            users = _fill(client, conn, schema, waiting, keep_alive)
+            users = _fill(client, conn, schema, waiting, keep_alive, progress)
             conn.commit()
             replayed = calls = 0
             for keys in schema.all():
                 keep_alive()
-                n, c = _swap(scripts, keys, token, keep_alive)
+                n, c = _swap(scripts, keys, token, keep_alive, progress)
                 swapped.add(keys.index)
                 replayed, calls = replayed + n, calls + c
     finally:
@@ -178,7 +182,11 @@ def _begin(client: redis.Redis, keys: PartitionKeys, token: str) -> str:
 
 
 def _swap(
-    scripts: SyncScripts, keys: PartitionKeys, token: str, keep_alive: Callable[[], None]
+    scripts: SyncScripts,
+    keys: PartitionKeys,
+    token: str,
+    keep_alive: Callable[[], None],
+    progress: Progress,
 ) -> tuple[int, int]:
     """Catch the partition's rebuilt leaderboard up, chunk by chunk, and swap it in:
     (increments replayed, calls made)."""
@@ -186,6 +194,7 @@ def _swap(
     while True:
         step = resent(lambda: scripts.swap_leaderboard(keys, token, SWAP_CHUNK))
         replayed, calls = replayed + step.replayed, calls + 1
+        progress("increments replayed", step.replayed)
         if step.swapped is not Swapped.NOT_YET:
             return replayed, calls
         keep_alive()
@@ -205,8 +214,11 @@ def _fill(
     schema: KeySchema,
     waiting: dict[int, Unpersisted],
     keep_alive: Callable[[], None],
+    progress: Progress,
 ) -> int:
     """Fill the rebuilt leaderboards from Postgres, chunk by chunk; the number of users."""
+    row = conn.execute("SELECT count(*) FROM users").fetchone()  # in the snapshot: exact
+    progress.expect("users filled", int(row[0]) if row else 0)  # type: ignore[call-overload]
     count = 0
     with conn.cursor(name="rebuild_users") as cursor:  # server side: memory stays flat
         cursor.execute("SELECT user_id, score FROM users")
@@ -221,5 +233,6 @@ def _fill(
                 pipe.zadd(schema.all()[index].rebuilt_leaderboard, mapping)
             pipe.execute()
             count += len(rows)
+            progress("users filled", len(rows))
             keep_alive()
     return count

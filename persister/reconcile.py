@@ -8,7 +8,9 @@ the increments up to that id are counted for them. A member of a leaderboard tha
 does not know is looked up again outside it: a user provisioned since is not drift (its
 score is not checked by this run).
 
-It also checks the ledger: each user's score equals the sum of that user's events.
+It also checks the ledger: each user's score equals the sum of that user's events, those
+pruned from the ledger counted by their carried-forward total (`score_events_pruned`,
+persister.prune).
 `--repair` makes Redis agree with Postgres, by increments (ZINCRBY), which commute with the
 hot path's own updates; each chunk of corrections is one Lua call that records a token with
 them (lua/repair_scores-2.lua), so a call sent again after a lost reply changes nothing.
@@ -32,6 +34,7 @@ from persister.resend import resent
 from persister.unpersisted import Unpersisted, last_entry_id, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema
+from service.progress import Progress, no_progress, rate
 from service.scripts import SyncScripts
 from service.settings import Settings
 
@@ -71,7 +74,8 @@ class Report:
     unpersisted: int = 0
     drift: list[Drift] = field(default_factory=list)
     ledger: list[tuple[str, int, int]] = field(default_factory=list)
-    """Users whose score is not the sum of their events: (user, score, sum of events)."""
+    """Users whose score is not the sum of their events: (user, score, sum of events, those
+    pruned included)."""
     repaired: int = 0
     provisioned_since: int = 0
     """Members Postgres has, but not in the snapshot: provisioned while reconcile ran."""
@@ -82,8 +86,9 @@ class Report:
         return not self.drift and not self.ledger
 
 
-def reconcile(settings: Settings, *, repair: bool) -> Report:
-    """Compare every user's score in Redis with Postgres; with `repair`, fix Redis."""
+def reconcile(settings: Settings, *, repair: bool, progress: Progress = no_progress) -> Report:
+    """Compare every user's score in Redis with Postgres; with `repair`, fix Redis.
+    `progress` hears of the users checked, chunk by chunk."""
     began = time.monotonic()
     client = sync_redis(settings)
     schema = KeySchema(settings.partitions)
@@ -102,6 +107,8 @@ def reconcile(settings: Settings, *, repair: bool) -> Report:
                 k.index: read_unpersisted(client, conn, k, pause.renew) for k in schema.all()
             }
             report.unpersisted = sum(w.count for w in waiting.values())
+            members = sum(int(client.zcard(k.leaderboard)) for k in schema.all())
+            progress.expect("users checked", members)
             in_redis: set[str] = set()
             for keys in schema.all():
                 _check_members(
@@ -112,9 +119,17 @@ def reconcile(settings: Settings, *, repair: bool) -> Report:
                     in_redis=in_redis,
                     report=report,
                     pause=pause,
+                    progress=progress,
                 )
             _check_missing(
-                client, conn, schema, waiting, in_redis=in_redis, report=report, pause=pause
+                client,
+                conn,
+                schema,
+                waiting,
+                in_redis=in_redis,
+                report=report,
+                pause=pause,
+                progress=progress,
             )
             report.ledger = _ledger_mismatches(conn)
             if repair and report.drift:
@@ -150,6 +165,7 @@ def _check_members(
     in_redis: set[str],
     report: Report,
     pause: Pause,
+    progress: Progress,
 ) -> None:
     """Every member of the partition's leaderboard against Postgres."""
     keys = waiting.keys
@@ -184,6 +200,7 @@ def _check_members(
             )
             if found.postgres is None or found.difference:
                 report.drift.append(found)
+            progress("users checked", 1)
         pause.renew()
 
 
@@ -196,6 +213,7 @@ def _check_missing(
     in_redis: set[str],
     report: Report,
     pause: Pause,
+    progress: Progress,
 ) -> None:
     """Users Postgres knows and no leaderboard holds."""
     after = ""
@@ -215,18 +233,20 @@ def _check_missing(
             report.users += 1
             pending = waiting[keys.index].deltas.get(user_id, 0)
             report.drift.append(Drift(user_id, keys.index, None, score, pending))
+            progress("users checked", 1)
         pause.renew()
 
 
 def _ledger_mismatches(conn: Conn) -> list[tuple[str, int, int]]:
     rows = conn.execute(
         """
-        SELECT u.user_id, u.score, coalesce(e.total, 0)
+        SELECT u.user_id, u.score, coalesce(e.total, 0) + coalesce(p.total, 0)
         FROM users AS u
         LEFT JOIN (SELECT user_id, sum(delta) AS total FROM score_events GROUP BY user_id) AS e
             USING (user_id)
-        WHERE u.score <> coalesce(e.total, 0)
-        ORDER BY abs(u.score - coalesce(e.total, 0)) DESC, u.user_id
+        LEFT JOIN score_events_pruned AS p USING (user_id)
+        WHERE u.score <> coalesce(e.total, 0) + coalesce(p.total, 0)
+        ORDER BY abs(u.score - coalesce(e.total, 0) - coalesce(p.total, 0)) DESC, u.user_id
         """
     ).fetchall()
     return [(str(u), int(s), int(t)) for u, s, t in rows]  # type: ignore[call-overload]
@@ -264,7 +284,8 @@ def render(report: Report) -> str:
     """The report an operator reads."""
     lines = [
         f"reconcile: checked {report.users} users in {report.partitions} partition(s) "
-        f"in {report.seconds:.1f}s; {report.unpersisted} increments not yet in Postgres "
+        f"in {report.seconds:.1f}s ({rate(report.users, report.seconds)}); "
+        f"{report.unpersisted} increments not yet in Postgres "
         "counted as pending"
     ]
     if not report.drift:

@@ -2,7 +2,8 @@
 
 `users.score` is the source of truth for a user's total; `score_events` is the append-only
 ledger that makes applying an event idempotent (its service-made id is the primary key), and
-lets reconcile check that every total is the sum of its events. An increment made with an
+lets reconcile check that every total is the sum of its events (those `ledger prune` deleted
+counted by the per-user totals it carried forward, `score_events_pruned`). An increment made with an
 Idempotency-Key also records the key and the total it produced: a rebuild of Redis restores
 the idempotency records of the last SCORE_IDEMPOTENCY_TTL from them.
 """
@@ -58,6 +59,21 @@ MIGRATIONS: list[str] = [
     );
     """,
     # ---- end of the partition layout ---------------------------------------------------------
+    # ---- the ledger's retention (persister.prune): its own statement -------------------------
+    # Per user, the sum and count of the events `score-service ledger prune` deleted from
+    # score_events, updated in the same transaction as each delete: a score stays the sum of
+    # its events plus this (reconcile checks it). A table of its own, not a column of users:
+    # the persister updates users on every batch, and a prune must never wait for it or make
+    # it wait.
+    """
+    CREATE TABLE IF NOT EXISTS score_events_pruned (
+        user_id    text PRIMARY KEY REFERENCES users (user_id),
+        total      bigint NOT NULL,
+        events     bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    """,
+    # ---- end of the ledger's retention -------------------------------------------------------
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).

@@ -10,9 +10,9 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
@@ -129,41 +129,73 @@ def read_user_ids(values: Sequence[str]) -> list[str]:
     return ids
 
 
-def read_id_file(name: str) -> list[str]:
-    """One user id per line (a CSV's first column); '#' comments and blank lines skipped."""
-    try:
-        if name == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            lines = Path(name).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read user ids from {name}: {exc}") from None
-    values = (line.split(",")[0].strip() for line in lines)
-    return [v for v in values if v and not v.startswith("#")]
+def id_lines(lines: Iterable[str]) -> Iterator[str]:
+    """The user ids of an id file, one per line (a CSV's first column), as it is read; '#'
+    comments and blank lines skipped."""
+    for line in lines:
+        value = line.split(",")[0].strip()
+        if value and not value.startswith("#"):
+            yield value
+
+
+@contextlib.contextmanager
+def open_id_file(name: str) -> Iterator[tuple[IO[str], int]]:
+    """The id file (stdin for '-', spooled to a temporary file so it can be read twice) and
+    its number of ids, every one validated, all read in constant memory: a bad id stops
+    everything before anything is written."""
+    with contextlib.ExitStack() as stack:
+        try:
+            if name == "-":
+                file: IO[str] = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
+                for line in sys.stdin:
+                    file.write(line)
+                file.seek(0)
+            else:
+                file = stack.enter_context(Path(name).open(encoding="utf-8"))
+            count = 0
+            for value in id_lines(file):
+                read_user_ids([value])
+                count += 1
+            file.seek(0)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read user ids from {name}: {exc}") from None
+        yield file, count
 
 
 def cmd_users(args: argparse.Namespace) -> int:
+    import time
+
     import psycopg
 
     from persister.layout import ensure
     from service.connections import check_redis_sync, sync_redis
     from service.keys import KeySchema
-    from service.users import provision_sync
+    from service.progress import Meter, rate
+    from service.users import provision_all
 
-    values = read_id_file(args.file) if args.action == "import" else args.ids
-    ids = list(dict.fromkeys(read_user_ids(values)))  # de-duplicated, order kept
+    began = time.monotonic()
     settings = Settings.for_stores()
-    client = sync_redis(settings)
-    check_redis_sync(client)
-    ensure(settings)
-    created = 0
-    with psycopg.connect(settings.database_url, connect_timeout=10) as conn:
-        for start in range(0, len(ids), 10_000):
-            chunk = ids[start : start + 10_000]
-            created += provision_sync(
-                conn, client, KeySchema(settings.partitions), settings.top_n, chunk
-            )
-    print(f"users: {created} created, {len(ids) - created} already existed")
+    with contextlib.ExitStack() as stack:
+        if args.action == "import":
+            file, total = stack.enter_context(open_id_file(args.file))
+            ids: Iterable[str] = id_lines(file)
+        else:
+            ids = read_user_ids(args.ids)
+            total = len(ids)
+        client = sync_redis(settings)
+        stack.callback(client.close)
+        check_redis_sync(client)
+        ensure(settings)
+        meter = stack.enter_context(Meter("users"))
+        meter.expect("users provisioned", total)
+        conn = stack.enter_context(psycopg.connect(settings.database_url, connect_timeout=10))
+        schema = KeySchema(settings.partitions)
+        created, seen = provision_all(conn, client, schema, settings.top_n, ids, meter)
+    seconds = time.monotonic() - began
+    print(
+        f"users: {created} created, {seen - created} already existed, in {seconds:.1f}s "
+        f"({rate(seen, seconds)})"
+    )
     return 0
 
 

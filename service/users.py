@@ -13,6 +13,7 @@ is done, and the rebuild reads Postgres, where the user already is.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -20,7 +21,12 @@ import psycopg
 import redis
 
 from service.keys import KeySchema
+from service.progress import Progress, no_progress
 from service.scripts import Scripts, SyncScripts
+
+IMPORT_CHUNK = 10_000
+"""Users provisioned per transaction and Lua call by an import: the admin API's most per
+request, too."""
 
 INSERT_USERS = """
 INSERT INTO users (user_id)
@@ -69,3 +75,23 @@ async def provision(
         if await scripts.provision(keys, ids):
             await scripts.publish_top(keys, top_n)  # new members may enter a short top-N
     return created
+
+
+def provision_all(
+    conn: psycopg.Connection[tuple[object, ...]],
+    client: redis.Redis,
+    schema: KeySchema,
+    top_n: int,
+    user_ids: Iterable[str],
+    progress: Progress = no_progress,
+) -> tuple[int, int]:
+    """Provision the users `user_ids` yields, IMPORT_CHUNK at a time, reading no further ahead
+    (memory stays flat, whatever their number): (new in Postgres, provisioned). A user given
+    twice in one chunk counts once; in two, the second time as one that already existed."""
+    created = provisioned = 0
+    ids = iter(user_ids)
+    while chunk := list(dict.fromkeys(itertools.islice(ids, IMPORT_CHUNK))):
+        created += provision_sync(conn, client, schema, top_n, chunk)
+        provisioned += len(chunk)
+        progress("users provisioned", len(chunk))
+    return created, provisioned

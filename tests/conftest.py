@@ -89,7 +89,7 @@ def r(servers: Servers, settings: Settings) -> Iterator[redis.Redis]:
     client.flushall()
     client.mset(dict.fromkeys(KeySchema(settings.partitions).ready_markers, "1"))
     with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE users, score_events, score_layout")
+        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")
     yield client
     client.close()
 

@@ -79,7 +79,7 @@ def test_migrate_creates_the_schema_once(servers: Servers, env: dict[str, str]) 
 def test_users_add_provisions_both_stores_and_is_idempotent(env, r, pg, snapshot) -> None:
     out = cli(env, "users", "add", "alice", "bob")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "users: 2 created, 0 already existed"
+    assert out.stdout.startswith("users: 2 created, 0 already existed, in ")
     assert leaderboard_scores(r) == {"alice": 0, "bob": 0}
     rows = pg.execute("SELECT user_id, score FROM users ORDER BY user_id").fetchall()
     assert rows == [("alice", 0), ("bob", 0)]
@@ -89,7 +89,7 @@ def test_users_add_provisions_both_stores_and_is_idempotent(env, r, pg, snapshot
     pg.execute("UPDATE users SET score = 40 WHERE user_id = 'alice'")
     before = snapshot()
     out = cli(env, "users", "add", "alice")
-    assert out.stdout.strip() == "users: 0 created, 1 already existed"
+    assert out.stdout.startswith("users: 0 created, 1 already existed, in ")
     assert snapshot() == before
 
 
@@ -106,9 +106,9 @@ def test_users_import_reads_one_id_per_line(env, r, tmp_path: Path) -> None:
     path.write_text("# players\nalice,Alice A.\n\n  bob  \ncarol\n", encoding="utf-8")
     out = cli(env, "users", "import", str(path))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "users: 3 created, 0 already existed"
+    assert out.stdout.startswith("users: 3 created, 0 already existed, in ")
     out = cli(env, "users", "import", "-", stdin="dave\nalice\n")
-    assert out.stdout.strip() == "users: 1 created, 1 already existed"
+    assert out.stdout.startswith("users: 1 created, 1 already existed, in ")
     assert leaderboard_scores(r) == {"alice": 0, "bob": 0, "carol": 0, "dave": 0}
 
 
