@@ -2,10 +2,11 @@
 
 Beyond it a request is answered 503 problem+json with Retry-After at once, rather than queued
 behind the others: under overload a client learns early that it should retry (elsewhere),
-and the requests already in flight keep their latency. Live clients are not counted here
-(WebSockets, and the SSE stream, which lasts as long as its viewer): their own limits are
-SCORE_LIVE_MAX_CONNECTIONS and SCORE_LIVE_MAX_PER_CLIENT. (uvicorn's `limit_concurrency`
-counts open connections, live ones included: it would refuse viewers below the live limit.)
+and the requests already in flight keep their latency. Not counted: /healthz and /metrics
+(an overloaded process is not a dead one), and live clients (WebSockets, and the SSE stream,
+which lasts as long as its viewer), whose own limits are SCORE_LIVE_MAX_CONNECTIONS and
+SCORE_LIVE_MAX_PER_CLIENT. (uvicorn's `limit_concurrency` counts open connections, live ones
+included: it would refuse viewers below the live limit.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from service.errors import problem
 from service.redis_errors import RETRY_AFTER_S
 
 SHED = Counter("score_http_shed", "HTTP requests refused with 503: SCORE_MAX_CONCURRENCY reached")
-UNCOUNTED = frozenset({"/api/v1/leaderboard/stream"})  # live viewers, limited on their own
+UNCOUNTED = frozenset(
+    {
+        "/api/v1/leaderboard/stream",  # live viewers, limited on their own
+        # an overloaded process is alive (a liveness probe must not restart it) and says how
+        # it is doing
+        "/healthz",
+        "/metrics",
+    }
+)
 
 
 class ConcurrencyLimit:

@@ -41,7 +41,7 @@ from service.devservers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.live import address_key
 from service.scripts import SyncScripts
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 from service.users import provision_sync
 
 
@@ -443,3 +443,14 @@ async def test_a_viewer_over_ipv6_loopback_is_served(servers: Servers, r, tmp_pa
         assert metric(base, "score_live_closed_total", reason="per_client") == 0
     finally:
         stop_process(process)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "proxy.example", "10.0.0.1, nope"])
+def test_trusted_proxies_must_be_addresses_or_networks(servers: Servers, value: str) -> None:
+    with pytest.raises(ConfigError, match="SCORE_TRUSTED_PROXIES"):
+        Settings.from_env(make_env(servers, SCORE_TRUSTED_PROXIES=value))
+
+
+def test_trusted_proxies_are_read_as_a_list(servers: Servers) -> None:
+    settings = Settings.from_env(make_env(servers, SCORE_TRUSTED_PROXIES=" 10.0.0.0/8, ::1 ,"))
+    assert settings.trusted_proxies == ("10.0.0.0/8", "::1")

@@ -148,6 +148,9 @@ async def test_requests_beyond_the_concurrency_limit_get_503_viewers_do_not_coun
             assert reply.headers["retry-after"] == "1"
             assert reply.headers["content-type"] == "application/problem+json"
             assert "SCORE_MAX_CONCURRENCY" in reply.json()["detail"]
+            # liveness and metrics still answer: an overloaded process is not a dead one
+            assert (await http.get("/healthz")).status_code == 200
+            assert (await http.get("/metrics")).status_code == 200
             # live viewers are limited on their own: a WebSocket and an SSE stream still open
             async with connect(limited) as ws:
                 await recv_frame(ws)
