@@ -24,9 +24,12 @@ from pathlib import Path
 import httpx
 import psycopg
 import redis
+import websockets
 from conftest import ROOT, Servers, make_env, start_service, stop_process
 from http_support import Cut, read_reply, score_request
+from live_support import ws_url
 from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit, unpersisted
+from websockets.sync.client import connect as ws_connect
 
 from service.auth import mint
 from service.devservers import wait_for
@@ -116,6 +119,18 @@ def poll_readyz(base: str, drained: threading.Event, stop: threading.Event) -> N
         stop.wait(0.02)
 
 
+def watch_live(base: str, drained: threading.Event, closes: list[tuple[int | None, bool]]) -> None:
+    """A live viewer: its first frame, then frames until the server closes the socket; the
+    close code, and whether /readyz was seen answering 503 by then."""
+    with ws_connect(ws_url(base), open_timeout=WAIT_S) as ws:
+        ws.recv(timeout=WAIT_S)
+        try:
+            while True:
+                ws.recv(timeout=2 * WAIT_S)
+        except websockets.ConnectionClosed as closed:
+            closes.append((closed.rcvd.code if closed.rcvd else None, drained.is_set()))
+
+
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
@@ -169,7 +184,10 @@ def test_sigterm_under_load_loses_no_accepted_request(
     threads = [threading.Thread(target=load.run, args=(i,)) for i in range(4)]
     poller = threading.Thread(target=poll_readyz, args=(svc.base, drained, stop))
     slow = socket.create_connection(address, timeout=WAIT_S)
+    closes: list[tuple[int | None, bool]] = []
+    viewer = threading.Thread(target=watch_live, args=(svc.base, drained, closes))
     try:
+        viewer.start()
         for thread in threads:
             thread.start()
         wait_for(lambda: len(load.acked) >= 100 or bool(load.failures), WAIT_S, "load")
@@ -188,7 +206,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
         assert reply is not None and reply.status == 200, reply
         load.acked.append((users[0], slow_key, 1000))
 
-        for thread in threads:
+        for thread in [*threads, viewer]:
             thread.join(2 * WAIT_S)
         assert svc.process.wait(WAIT_S) == 0, svc.log.read_text()[-3000:]
     finally:
@@ -200,6 +218,8 @@ def test_sigterm_under_load_loses_no_accepted_request(
     # during the grace period requests were still served
     assert load.refused_while_draining == [True] * len(threads)
     assert load.acked_while_draining > 0
+    # the live viewer was told to go away, once the load balancer had been told
+    assert closes == [(1001, True)]
     # a request that got no answer at all (sent as the listener closed, never taken in) is
     # allowed only then; the ledger below proves it was not applied
     assert all(draining for _, draining in load.unanswered), load.unanswered
