@@ -111,6 +111,11 @@ def stop_listening(handler: object) -> None:
             listener.close()
 
 
+def _draining(scope: Scope) -> bool:
+    ctx: Context | None = getattr(scope["app"].state, "ctx", None) if "app" in scope else None
+    return ctx is not None and ctx.draining
+
+
 class CloseWhileDraining:
     """ASGI middleware: while the process drains, every HTTP response says
     `Connection: close`, so that no client goes on sending requests on a connection to us."""
@@ -119,8 +124,7 @@ class CloseWhileDraining:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx: Context | None = getattr(scope["app"].state, "ctx", None) if "app" in scope else None
-        if scope["type"] != "http" or ctx is None or not ctx.draining:
+        if scope["type"] != "http" or not _draining(scope):
             await self.app(scope, receive, send)  # `receive` as it is: see subscribers.wire_of
             return
 
