@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +80,10 @@ class Persister:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.store = Store(settings.database_url)
         self._failures = 0
+        self.stopping = threading.Event()
+        """Set when the worker is asked to stop (SIGTERM): a flush persists the batches it has
+        read, reads no more, and gives up waiting for Postgres (its batch stays pending, for
+        the next worker to reclaim)."""
 
     def close(self) -> None:
         """Close the Postgres connection and the Redis client."""
@@ -117,12 +122,13 @@ class Persister:
         # Read ahead, entries only become pending, which is safe: a crash leaves them to be
         # reclaimed, and each is acknowledged only after its own batch has committed.
         with ThreadPoolExecutor(1, thread_name_prefix="persist-read") as reader:
-            batch: Batch | None = stream.read(size)
+            batch: Batch | None = None if self.stopping.is_set() else stream.read(size)
             while batch:
-                # past the deadline, read no more (a batch read ahead would wait pending)
+                # past the deadline, or stopping, read no more (a batch read ahead would wait
+                # pending); a batch already read is still persisted
                 ahead = (
                     reader.submit(stream.read, size, batch.stream_ids())
-                    if time.monotonic() < deadline
+                    if time.monotonic() < deadline and not self.stopping.is_set()
                     else None
                 )
                 if not self._persist(stream, batch, lock=lock, deadline=deadline, done=done):
@@ -155,10 +161,10 @@ class Persister:
                 )  # fmt: skip
                 self.store.close()
                 # renewed on both sides of the sleep: an attempt plus a sleep may outlast it
-                if time.monotonic() + delay > deadline or not _renew(lock):
+                if self._give_up(deadline, delay) or not _renew(lock):
                     return False
-                time.sleep(delay)
-                if not _renew(lock):
+                self.stopping.wait(delay)  # a SIGTERM ends the wait
+                if self.stopping.is_set() or not _renew(lock):
                     return False
         self._failures = 0
         faults.point("after-commit")
@@ -185,6 +191,11 @@ class Persister:
         done.new += inserted
         done.batches += 1
         return True
+
+    def _give_up(self, deadline: float, delay: float) -> bool:
+        """Whether to stop waiting for Postgres and leave the batch pending: past the flush's
+        deadline, or asked to stop (a worker that is being stopped must not wait 30 s)."""
+        return self.stopping.is_set() or time.monotonic() + delay > deadline
 
     def _refused(self, stream: EventStream, event: Event, exc: Exception) -> int:
         """Count a refusal; dead-letter the event once it has failed MAX_FAILURES times.

@@ -6,6 +6,10 @@
 - RQ's cron (`rq.cron.CronScheduler`) enqueues the sweep every SWEEP_INTERVAL_S from a thread
   of this process, so the sweep lives and dies with the worker. Several workers each enqueue
   their own sweeps; a sweep that finds a partition being flushed skips it.
+- SIGTERM or SIGINT (RQ's warm shutdown): a flush in progress commits and acknowledges the
+  batches it has read, reads no more and ends; one waiting for Postgres leaves its batch
+  pending for the next worker to reclaim. Then the worker exits. (A second signal, a second
+  or more later, is RQ's cold shutdown: whatever is not acknowledged stays pending.)
 - RQ leaves its work loop when Redis fails under it (a restart, a failover): the loop is
   started again, with capped, jittered backoff. Only SIGTERM or SIGINT stop the command.
 """
@@ -62,6 +66,7 @@ def run(settings: Settings) -> int:
         return 0
     layout.ensure_waiting(settings)
     persister = jobs.persister()
+    persister.stopping = stop  # a flush running at SIGTERM ends after the batches it has read
     quiet = "DEBUG" if os.environ.get("SCORE_LOG_LEVEL", "").upper() == "DEBUG" else "WARNING"
     logging.getLogger("rq").setLevel(quiet)  # RQ logs every job at INFO: one every 2s
     cron = threading.Thread(target=_enqueue_sweeps, args=(settings, stop), name="cron", daemon=True)

@@ -11,17 +11,19 @@ import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from service.admin import post_scores, post_users
 from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
 from service.broadcast import Broadcaster
+from service.concurrency import ConcurrencyLimit
 from service.connections import async_redis, check_redis
 from service.context import Context, FlushRequester
 from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
-from service.going_away import hook_shutdown_signals
+from service.going_away import CloseWhileDraining, hook_shutdown_signals
 from service.health import healthz, metrics, readyz
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
@@ -85,7 +87,7 @@ def create_app(
             ctx.ready = marked and layout_problem(recorded, settings) is None
         readiness = asyncio.create_task(keep_ready(ctx, rebuild))
         await live.start()
-        unhook_signals = hook_shutdown_signals(live)
+        unhook_signals = hook_shutdown_signals(ctx, live)
         try:
             yield
         finally:
@@ -113,8 +115,12 @@ def create_app(
     ]
     return Starlette(
         routes=routes,
-        middleware=cors_middleware(settings),
         lifespan=lifespan,
+        middleware=[
+            *cors_middleware(settings),  # outermost: refusals below carry the CORS headers too
+            Middleware(CloseWhileDraining),
+            Middleware(ConcurrencyLimit, limit=settings.max_concurrency),
+        ],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_exception_handler,

@@ -43,10 +43,15 @@ def persister_hooks(settings: Settings) -> dict[str, Any]:
     return wiring.hooks(settings)
 
 
+GRACEFUL_TIMEOUT_S = 5
+KEEP_ALIVE_S = 5
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.connections import refuse_evicting_redis
+    from service.going_away import Supervisor
 
     settings = Settings.from_env()  # fail fast, in the parent, with one clear line
     refuse_evicting_redis(settings)
@@ -56,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # workers share their metrics through files: any worker's /metrics has them all
             metrics_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="score-"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        uvicorn.run(
+        config = uvicorn.Config(
             "service.cli:app_from_env",
             factory=True,
             host=args.host,
@@ -75,9 +80,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
             access_log=False,
-            timeout_graceful_shutdown=5,
+            # After SIGTERM's grace period (service/going_away.py): requests in flight get this
+            # long to finish; then they are cancelled.
+            timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
+            # An idle keep-alive connection is closed after this long (uvicorn's default).
+            timeout_keep_alive=KEEP_ALIVE_S,
+            # X-Forwarded-For / -Proto only from the proxies we are told to trust; without any,
+            # not even from 127.0.0.1 (uvicorn's default), so the live leaderboard's
+            # per-address limit counts the real peer.
+            proxy_headers=bool(settings.trusted_proxies),
+            forwarded_allow_ips=list(settings.trusted_proxies) or None,
             log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
         )
+        if args.workers > 1:
+            Supervisor(config, sockets=[config.bind_socket()]).run()
+        else:
+            uvicorn.Server(config).run()
     return 0
 
 

@@ -28,4 +28,5 @@ class Context:
     request_flush: FlushRequester | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
+    draining: bool = False  # SIGTERM: shutting down (service.going_away); /readyz answers 503
     extras: dict[str, object] = field(default_factory=dict)

@@ -133,6 +133,7 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
         env.get(k) for k in ("SCORE_JWT_SECRET", "SCORE_JWT_PUBLIC_KEY", "SCORE_JWT_JWKS_URL")
     ):
         env["SCORE_JWT_SECRET"] = _dev_secret(data)
+    env.setdefault("SCORE_SHUTDOWN_GRACE_S", "0")  # no load balancer to wait for: Ctrl-C is quick
     children: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
     # stop as cleanly as on Ctrl-C: a process manager's SIGTERM, a closed terminal's SIGHUP

@@ -70,8 +70,8 @@ async def readyz(request: Request) -> Response:
     """
     ctx: Context = request.app.state.ctx
     redis_state, pg_state = await asyncio.gather(redis_status(ctx), postgres_status(ctx))
-    if redis_state != "ok" or not ctx.ready:
-        reason = "" if ctx.ready else ctx.not_ready_reason
+    if redis_state != "ok" or not ctx.ready or ctx.draining:
+        reason = "shutting down" if ctx.draining else "" if ctx.ready else ctx.not_ready_reason
         body = encoder.encode(Readiness("unavailable", redis_state, pg_state, reason))
         return Response(
             body, status_code=503, media_type="application/json", headers={"Retry-After": "1"}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any, TypeVar
@@ -77,9 +78,24 @@ def origin_allowed(allowed: frozenset[str], headers: Headers) -> bool:
 
 
 def client_address(scope: Scope) -> str:
-    """The client's address, as the per-address limit counts it."""
+    """The client's address, as the per-address limit counts it (behind a trusted proxy, the
+    address it forwarded: SCORE_TRUSTED_PROXIES)."""
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    return address_key(str(client[0])) if client else "unknown"
+
+
+def address_key(host: str) -> str:
+    """What the per-address limit counts `host` as: an IPv4 address as it is, an IPv6 one by
+    its /64 (one subscriber's network: a host may take any of its 2^64 addresses)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an IP address (a Unix socket's peer): counted as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 async def pump(

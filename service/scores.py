@@ -7,6 +7,7 @@ user existence (404) and range (400). Nothing is written unless every check pass
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from typing import TypeVar
@@ -46,11 +47,27 @@ def refuse_declared_oversize(request: Request, limit: int = MAX_BODY_BYTES) -> N
 
 async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The request body (after the token check), 400 for a malformed Content-Length, 413 as
-    soon as it is known to be larger than `limit`.
+    soon as it is known to be larger than `limit`, 408 (and the connection closed) unless
+    the whole body arrives within SCORE_BODY_TIMEOUT_S.
 
     A chunked body is counted as it arrives, so no body larger than `limit` is ever held in
-    memory.
+    memory; a client that sends its headers and then trickles or stops holds its request
+    for that long at most.
     """
+    ctx: Context = request.app.state.ctx
+    timeout_s = ctx.settings.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_body(request, limit)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {timeout_s:g}s (SCORE_BODY_TIMEOUT_S)",
+            {"Connection": "close"},  # the rest of the body may still come: no next request
+        ) from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     too_large = ApiError(413, f"the request body must be at most {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None:

@@ -6,6 +6,7 @@ never at the first request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -73,7 +74,7 @@ class Settings:
     # Live leaderboard (WebSocket / SSE)
     live_tick_ms: int = 50
     live_max_connections: int = 10_000
-    live_max_per_client: int = 50
+    live_max_per_client: int = 1000
     live_send_timeout_s: float = 5.0
     live_ping_interval_s: float = 20.0
     # SCORE_CORS_ORIGINS: the live Origin check, the /embed framers and CORS (service.cors)
@@ -81,6 +82,11 @@ class Settings:
     live_max_message_bytes: int = 1024
     # Persister
     persist_batch: int = 20_000
+    # Serving: shutdown, slow clients, proxies (service/going_away.py, service/concurrency.py)
+    shutdown_grace_s: float = 5.0
+    body_timeout_s: float = 5.0
+    max_concurrency: int = 1000
+    trusted_proxies: tuple[str, ...] = ()
 
     @classmethod
     def for_stores(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -141,7 +147,7 @@ class Settings:
             idempotency_ttl_s=_int(e, "SCORE_IDEMPOTENCY_TTL", 24 * 3600, 60, 30 * 24 * 3600),
             live_tick_ms=_int(e, "SCORE_LIVE_TICK_MS", 50, 1, 10_000),
             live_max_connections=_int(e, "SCORE_LIVE_MAX_CONNECTIONS", 10_000, 1, 1_000_000),
-            live_max_per_client=_int(e, "SCORE_LIVE_MAX_PER_CLIENT", 50, 1, 1_000_000),
+            live_max_per_client=_int(e, "SCORE_LIVE_MAX_PER_CLIENT", 1000, 1, 1_000_000),
             live_send_timeout_s=_int(e, "SCORE_LIVE_SEND_TIMEOUT_MS", 5000, 100, 600_000) / 1000,
             live_ping_interval_s=_int(e, "SCORE_LIVE_PING_INTERVAL_MS", 20_000, 100, 600_000)
             / 1000,
@@ -150,6 +156,10 @@ class Settings:
             if origins
             else (),
             persist_batch=_int(e, "SCORE_PERSIST_BATCH", 20_000, 1, 1_000_000),
+            shutdown_grace_s=_int(e, "SCORE_SHUTDOWN_GRACE_S", 5, 0, 600),
+            body_timeout_s=_int(e, "SCORE_BODY_TIMEOUT_S", 5, 1, 600),
+            max_concurrency=_int(e, "SCORE_MAX_CONCURRENCY", 1000, 1, 1_000_000),
+            trusted_proxies=_networks(e, "SCORE_TRUSTED_PROXIES"),
         )
 
 
@@ -173,6 +183,23 @@ def _origins(env: Mapping[str, str]) -> str | None:
             "set SCORE_CORS_ORIGINS alone"
         )
     return new or old
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """A comma-separated list of IP addresses or networks (CIDR), each checked now; "*" (any
+    peer) as it is."""
+    raw = _opt(env, name)
+    if raw is None:
+        return ()
+    networks = tuple(item.strip() for item in raw.split(",") if item.strip())
+    for item in networks:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an IP address or network") from None
+    return networks
 
 
 def _opt(env: Mapping[str, str], name: str) -> str | None:

@@ -66,6 +66,7 @@ def make_env(servers: Servers, **overrides: str) -> dict[str, str]:
         SCORE_JWT_SECRET=SECRET,
         SCORE_RATE_LIMIT="100000/s",
         SCORE_RATE_BURST="100000",
+        SCORE_SHUTDOWN_GRACE_S="0",  # no load balancer to wait for: tests stop services fast
     )
     env.update(overrides)
     return env

@@ -10,6 +10,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import psycopg
 import pytest
 import redis
 import websockets
-from conftest import Servers, make_env
+from conftest import ROOT, Servers, make_env, stop_process
 from live_support import (
     WAIT_S,
     connect,
@@ -37,8 +39,9 @@ from starlette.websockets import WebSocketDisconnect
 from service.app import create_app
 from service.devservers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
+from service.live import address_key
 from service.scripts import SyncScripts
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 from service.users import provision_sync
 
 
@@ -342,3 +345,112 @@ def test_without_redis_new_clients_are_told_to_retry_then_served(
             wait_for(served, WAIT_S, "a snapshot once Redis is up")
     finally:
         own.stop()
+
+
+VIEWERS = 300
+
+
+async def test_300_viewers_from_one_address_are_served_by_default(
+    servers: Servers, r, tmp_path: Path
+) -> None:
+    # One office NAT, or one load balancer not configured as a trusted proxy: every viewer
+    # comes from the same address.
+    with running(make_env(servers), tmp_path / "serve.log") as svc:
+        async with contextlib.AsyncExitStack() as stack:
+            viewers = await asyncio.gather(
+                *(stack.enter_async_context(connect(svc.base)) for _ in range(VIEWERS))
+            )
+            frames = await asyncio.gather(*(recv_frame(ws) for ws in viewers))
+        assert len(frames) == VIEWERS
+        assert all(frame["type"] == "leaderboard" for frame in frames)
+
+
+async def refused_or_served(base: str, forwarded_for: str | None) -> websockets.ClientConnection:
+    """A viewer whose first frame has arrived; ConnectionClosed (1013) if it was refused."""
+    headers = {} if forwarded_for is None else {"X-Forwarded-For": forwarded_for}
+    ws = await connect(base, additional_headers=headers)
+    try:
+        await recv_frame(ws)
+    except websockets.ConnectionClosed:
+        await ws.close()
+        raise
+    return ws
+
+
+async def assert_refused_per_address(base: str, forwarded_for: str) -> None:
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await refused_or_served(base, forwarded_for)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    assert "from your address" in closed.value.rcvd.reason
+
+
+async def test_x_forwarded_for_is_honoured_only_from_a_trusted_proxy(
+    servers: Servers, r, tmp_path: Path
+) -> None:
+    limited = make_env(servers, SCORE_LIVE_MAX_PER_CLIENT="1")
+    # Not trusted (not even 127.0.0.1, uvicorn's default): a client cannot claim to be
+    # someone else to get around its limit.
+    with running(limited, tmp_path / "untrusted.log") as svc:
+        first = await refused_or_served(svc.base, "198.51.100.1")
+        await assert_refused_per_address(svc.base, "198.51.100.2")
+        await first.close()
+    # Behind a trusted proxy: each real client has its own count...
+    trusted = limited | {"SCORE_TRUSTED_PROXIES": "10.0.0.0/8, 127.0.0.1"}
+    with running(trusted, tmp_path / "trusted.log") as svc:
+        first = await refused_or_served(svc.base, "198.51.100.1")
+        second = await refused_or_served(svc.base, "198.51.100.2")
+        # ...and the same client twice is the same client
+        await assert_refused_per_address(svc.base, "198.51.100.1")
+        # IPv6 clients are counted per /64: one network, one count
+        ipv6 = await refused_or_served(svc.base, "2001:db8:1:2::1")
+        await assert_refused_per_address(svc.base, "2001:db8:1:2:ffff::7")
+        other_network = await refused_or_served(svc.base, "2001:db8:1:3::1")
+        for ws in (first, second, ipv6, other_network):
+            await ws.close()
+
+
+def test_the_per_address_key_counts_ipv6_by_its_64() -> None:
+    assert address_key("2001:db8::1") == address_key("2001:db8::ffff:ffff:ffff:fffe")
+    assert address_key("2001:db8::1") == "2001:db8::/64"
+    assert address_key("2001:db8:0:1::1") != address_key("2001:db8::1")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"  # an IPv4 client of a dual stack
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("::1") == "::/64"
+
+
+def serve_on_ipv6_loopback(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`score-service serve --host ::1`, ready; the process and its base URL."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--host", "::1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://[::1]:{port}"
+    try:
+        wait_for(lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 30, "serve")
+    except BaseException:
+        stop_process(process)
+        raise
+    return process, base
+
+
+async def test_a_viewer_over_ipv6_loopback_is_served(servers: Servers, r, tmp_path: Path) -> None:
+    process, base = serve_on_ipv6_loopback(make_env(servers), tmp_path / "serve.log")
+    try:
+        async with connect(base) as ws:
+            await recv_frame(ws)
+        assert metric(base, "score_live_closed_total", reason="per_client") == 0
+    finally:
+        stop_process(process)
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "proxy.example", "10.0.0.1, nope"])
+def test_trusted_proxies_must_be_addresses_or_networks(servers: Servers, value: str) -> None:
+    with pytest.raises(ConfigError, match="SCORE_TRUSTED_PROXIES"):
+        Settings.from_env(make_env(servers, SCORE_TRUSTED_PROXIES=value))
+
+
+def test_trusted_proxies_are_read_as_a_list(servers: Servers) -> None:
+    settings = Settings.from_env(make_env(servers, SCORE_TRUSTED_PROXIES=" 10.0.0.0/8, ::1 ,"))
+    assert settings.trusted_proxies == ("10.0.0.0/8", "::1")
