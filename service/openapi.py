@@ -19,6 +19,7 @@ from starlette.responses import Response
 from service import models
 from service.admin import MAX_BODY_BYTES as ADMIN_MAX_BODY_BYTES
 from service.asyncapi import ASYNCAPI_PATH
+from service.concurrency import UNCOUNTED
 from service.health import Readiness
 from service.scores import IDEMPOTENCY_KEY, MAX_BODY_BYTES
 
@@ -403,7 +404,7 @@ def document() -> bytes:
             f"The live leaderboard's WebSocket and SSE frames: AsyncAPI 3 at {ASYNCAPI_PATH}.",
         },
         "x-asyncapi": ASYNCAPI_PATH,
-        "paths": _paths(user_id),
+        "paths": _with_overload(_paths(user_id)),
         "components": {
             "schemas": components,
             "securitySchemes": {
@@ -412,6 +413,20 @@ def document() -> bytes:
         },
     }
     return msgspec.json.encode(doc)
+
+
+def _with_overload(paths: Json) -> Json:
+    """Add what any route may answer under load (service.concurrency: 503 once
+    SCORE_MAX_CONCURRENCY requests run) and any POST to a slow client (408 once the body takes
+    longer than SCORE_BODY_TIMEOUT_S), where the route does not say it already."""
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            if path not in UNCOUNTED:
+                responses.setdefault("503", _unavailable("Too many requests at once"))
+            if method == "post":
+                responses.setdefault("408", _problem("The body took too long to arrive"))
+    return paths
 
 
 async def openapi(request: Request) -> Response:
