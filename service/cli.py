@@ -250,9 +250,18 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from service.auth import mint
+    from service.dev import DEV_HS256_FILE
 
     (user_id,) = read_user_ids([args.user_id])
-    print(mint(Settings.from_env(), user_id, admin=args.admin, ttl_s=args.ttl))
+    env = dict(os.environ)
+    dev_secret = Path(".data") / DEV_HS256_FILE
+    if (
+        not (env.get("SCORE_JWT_SECRET") or env.get("SCORE_JWT_PRIVATE_KEY"))
+        and dev_secret.is_file()
+    ):
+        # `make run` keeps its secret there: a new shell in the checkout mints tokens it accepts
+        env["SCORE_JWT_SECRET"] = dev_secret.read_text().strip()
+    print(mint(Settings.from_env(env), user_id, admin=args.admin, ttl_s=args.ttl))
     return 0
 
 

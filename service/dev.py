@@ -43,9 +43,14 @@ def _port(preferred: int) -> int:
     return preferred
 
 
+DEV_HS256_FILE = "dev-jwt-secret"
+"""In the data directory (.data/): the HS256 secret of `dev`, which `score-service token` run
+from the checkout in another shell finds too."""
+
+
 def _dev_secret(data: Path) -> str:
     """A random HS256 secret kept in .data/, so tokens survive a restart of `dev`."""
-    path = data / "dev-jwt-secret"
+    path = data / DEV_HS256_FILE
     if not path.exists():
         path.write_text(secrets.token_urlsafe(48))
         path.chmod(0o600)

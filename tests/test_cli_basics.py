@@ -216,3 +216,25 @@ def test_serve_refuses_a_redis_that_could_evict_keys(env, tmp_path: Path) -> Non
         refused(cli({**env, "REDIS_URL": rs.url}, "users", "add", "alice"), "'volatile-ttl'")
     finally:
         rs.stop()
+
+
+def test_token_in_a_new_shell_finds_the_dev_secret(env: dict[str, str], tmp_path: Path) -> None:
+    """`make run` keeps its HS256 secret in .data/: `score-service token alice` from the
+    checkout in another shell (no SCORE_JWT_* set) signs with it instead of exiting 2."""
+    bare = {k: v for k, v in env.items() if not k.startswith("SCORE_JWT_")}
+    (tmp_path / ".data").mkdir()
+    secret = "dev-" + "k" * 60
+    (tmp_path / ".data" / "dev-jwt-secret").write_text(secret + "\n")
+
+    def token_from(cwd: Path) -> subprocess.CompletedProcess[str]:
+        run = [sys.executable, "-m", "service.cli", "token", "alice"]
+        return subprocess.run(
+            run, env=bare, capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+        )
+
+    out = token_from(tmp_path)
+    assert out.returncode == 0, out.stderr
+    claims = jwt.decode(out.stdout.strip(), secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    elsewhere = token_from(tmp_path / ".data")
+    assert elsewhere.returncode == 2, elsewhere.stdout  # no secret here: the clear error
