@@ -11,6 +11,7 @@ import redis.exceptions
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from service.admin import post_scores, post_users
@@ -20,7 +21,7 @@ from service.connections import async_redis, check_redis
 from service.context import Context, FlushRequester
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
 from service.going_away import hook_shutdown_signals
-from service.health import healthz, metrics, readyz
+from service.health import healthz, metrics, process_exits, readyz
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
 from service.layout import problem as layout_problem
@@ -28,6 +29,7 @@ from service.live import live_routes
 from service.openapi import openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
+from service.request_id import RequestId
 from service.scores import post_score
 from service.scripts import Scripts
 from service.settings import Settings
@@ -94,6 +96,7 @@ def create_app(
                 await ctx.auth.jwks.stop()
             await pg.close()
             await client.aclose()
+            process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
     routes = [
         Route("/api/v1/score", post_score, methods=["POST"]),
@@ -111,6 +114,7 @@ def create_app(
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=[Middleware(RequestId, access_log=settings.access_log)],
         exception_handlers={
             ApiError: api_error_handler,
             HTTPException: http_exception_handler,

@@ -16,8 +16,9 @@ from typing import Any
 
 import msgspec
 
+from service import logs
 from service.models import UserId
-from service.settings import ConfigError, Settings
+from service.settings import ConfigError, Settings, log_format
 
 log = logging.getLogger("score_service")
 
@@ -74,9 +75,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_ping_timeout=settings.live_ping_interval_s,
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
-            access_log=False,
+            access_log=False,  # uvicorn's: ours is SCORE_ACCESS_LOG (service/request_id.py)
             timeout_graceful_shutdown=5,
-            log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
+            # applied again in each worker process: uvicorn's lines in our format too
+            log_config=logs.config(_log_level(), settings.log_format),
+            log_level=_log_level().lower(),
         )
     return 0
 
@@ -268,13 +271,14 @@ def extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], None
     return commands.COMMANDS
 
 
+def _log_level() -> str:
+    return os.environ.get("SCORE_LOG_LEVEL", "INFO").upper()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("SCORE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     args = parser().parse_args(argv)
     try:
+        logs.configure(_log_level(), log_format(os.environ))
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"score-service: configuration error: {exc}", file=sys.stderr)
