@@ -110,12 +110,14 @@ def test_serve_writes_json_lines_and_an_access_log(
         unknown = httpx.get(svc.base + "/nowhere")
         assert unknown.status_code == 404 and GENERATED.match(unknown.headers["x-request-id"])
 
-        def accessed() -> list[dict[str, object]]:
+        def accessed() -> dict[object, dict[str, object]]:
             lines = _json_lines(log.read_text())
-            return [x for x in lines if x["logger"] == "score_service.access"]
+            return {x["request_id"]: x for x in lines if x["logger"] == "score_service.access"}
 
-        wait_for(lambda: len(accessed()) >= 2, 10, "the access log lines")
-        by_id = {line["request_id"]: line for line in accessed()}
+        ids = {"game-7", unknown.headers["x-request-id"]}
+        # written once the response is sent: it may follow the reply
+        wait_for(lambda: ids <= accessed().keys(), 10, "the access log lines")
+        by_id = accessed()
         score = by_id["game-7"]
         assert (score["method"], score["path"], score["status"]) == ("POST", "/api/v1/score", 200)
         assert isinstance(score["duration_ms"], float)
