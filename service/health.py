@@ -96,10 +96,10 @@ class PersisterProbe:
         if now - self._read_at < PERSISTER_READ_EVERY_S:
             return self._last
         try:
-            workers, lags = await asyncio.gather(
-                persister_lag.live_workers(ctx.redis),
-                persister_lag.read_lags(ctx.redis, ctx.schema.all()),
-            )
+            # one after the other, on one pooled connection: a connection for each would be
+            # one more to find broken after a Redis restart (this client never retries)
+            workers = await persister_lag.live_workers(ctx.redis)
+            lags = await persister_lag.read_lags(ctx.redis, ctx.schema.all())
         except redis.exceptions.RedisError:
             self._last = None
         else:
@@ -123,6 +123,12 @@ def _persister_problem(state: Persister | None, threshold_s: int) -> str:
     return ""
 
 
+async def _redis_and_persister(ctx: Context, probe: PersisterProbe) -> tuple[str, Persister | None]:
+    """Redis's state, then (when it answers) the persister's: in turn, on one connection."""
+    state = await redis_status(ctx)
+    return state, await probe.read(ctx) if state == "ok" else None
+
+
 async def readyz(request: Request) -> Response:
     """Ready when Redis answers, has loaded its data and holds the leaderboards.
 
@@ -134,8 +140,8 @@ async def readyz(request: Request) -> Response:
     probe: PersisterProbe | None = getattr(request.app.state, "persister_probe", None)
     if probe is None:
         probe = request.app.state.persister_probe = PersisterProbe()
-    redis_state, pg_state, persister = await asyncio.gather(
-        redis_status(ctx), postgres_status(ctx), probe.read(ctx)
+    (redis_state, persister), pg_state = await asyncio.gather(
+        _redis_and_persister(ctx, probe), postgres_status(ctx)
     )
     if redis_state != "ok" or not ctx.ready:
         reason = "" if ctx.ready else ctx.not_ready_reason
