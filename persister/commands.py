@@ -16,7 +16,40 @@ from service.settings import Settings
 def cmd_worker(args: argparse.Namespace) -> int:
     from persister.worker import run
 
+    if args.check:
+        return check_worker(Settings.for_stores())
     return run(Settings.for_stores())
+
+
+def check_worker(settings: Settings) -> int:
+    """`worker --check`: 0 when a worker of this host has a fresh heartbeat, 1 otherwise
+    (none, or Redis does not answer). For process managers and container health checks."""
+    import asyncio
+    import socket
+
+    import redis
+
+    from service.connections import async_redis
+    from service.persister_lag import HEARTBEAT_FRESH_S, live_workers
+
+    async def mine() -> list[str]:
+        client = async_redis(settings)
+        try:
+            return [w for w in await live_workers(client) if w.startswith(host + ":")]
+        finally:
+            await client.aclose()
+
+    host = socket.gethostname()
+    try:
+        workers = asyncio.run(mine())
+    except redis.RedisError as exc:
+        print(f"unhealthy: cannot read the heartbeats from Redis: {type(exc).__name__}")
+        return 1
+    if not workers:
+        print(f"unhealthy: no persister worker on {host} beat in the last {HEARTBEAT_FRESH_S:.0f}s")
+        return 1
+    print(f"healthy: {', '.join(sorted(workers))}")
+    return 0
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
@@ -78,6 +111,12 @@ def _worker(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Run the persister: an RQ worker (with its scheduler) that drains the events streams "
         "into Postgres, and sweeps every partition every few seconds."
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="health check: exit 0 when a worker on this host is alive (a fresh heartbeat in "
+        "Redis), 1 otherwise",
     )
     p.set_defaults(func=cmd_worker)
 

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 from rq import Queue
@@ -37,22 +38,72 @@ LAGGING_S = 30.0
 """A sweep that finds an event older than this logs a warning."""
 
 
+SUMMARY_EVERY_S = 10.0
+"""The worker logs what it persisted at most this often (INFO); each flush at DEBUG."""
+
+
 class _Every:
     """`due()` is True at most once per `seconds` (in this process)."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
+        self.clock = clock
         self.last = -seconds
 
     def due(self) -> bool:
-        now = time.monotonic()
+        now = self.clock()
         if now - self.last < self.seconds:
             return False
         self.last = now
         return True
 
 
+class FlushLog:
+    """What the worker's flushes did, in the log: each flush at DEBUG, and at INFO a summary
+    (events, batches, rate, lag) at most every `every_s`, so a busy worker writes a line every
+    few seconds, not several a second. Warnings (Postgres away, dead letters, a lag past
+    LAGGING_S) are logged as they happen."""
+
+    def __init__(
+        self, every_s: float = SUMMARY_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._due = _Every(every_s, clock)
+        self._clock = clock
+        self._since = clock()
+        self._events = self._new = self._batches = self._dead = 0
+
+    def drained(self, p: Persister, done: Drained | None) -> None:
+        """Log one flush (if it did anything), and the summary when it is due."""
+        if done is not None and (done.events or done.dead or done.waiting_for_postgres):
+            _log_drained(p, done)
+            self._events += done.events
+            self._new += done.new
+            self._batches += done.batches
+            self._dead += done.dead
+        self.summarize(p)
+
+    def summarize(self, p: Persister) -> None:
+        """Log the summary if one is due and there is something to say."""
+        if not (self._events or self._dead) or not self._due.due():
+            return
+        now = self._clock()
+        seconds = max(now - self._since, 1e-3)
+        lags = read_lags_sync(p.redis, p.schema.all())
+        oldest = max((lag.oldest_age_s for lag in lags), default=0.0)
+        log.log(
+            logging.WARNING if oldest > LAGGING_S else logging.INFO,
+            "persisted %d events (%d new) in %d batches in the last %.0fs, %.0f events/s%s; "
+            "%d waiting in Redis, the oldest for %.1fs",
+            self._events, self._new, self._batches, seconds, self._events / seconds,
+            f"; {self._dead} dead-lettered" if self._dead else "",
+            sum(lag.unpersisted for lag in lags), oldest,
+        )  # fmt: skip
+        self._since = now
+        self._events = self._new = self._batches = self._dead = 0
+
+
 _report = _Every(REPORT_EVERY_S)
+_flush_log = FlushLog()
 
 
 @functools.cache
@@ -67,7 +118,7 @@ def flush(partition: int) -> None:
         # asked for by a service before `partitions set` dropped the partition: it was drained
         log.warning("partition %d is not in this worker's layout: flush skipped", partition)
         return
-    _log_drained(persister(), persister().drain(partition))
+    _flush_log.drained(persister(), persister().drain(partition))
 
 
 def sweep() -> None:
@@ -75,19 +126,18 @@ def sweep() -> None:
     a flush is draining right now), and report the lag now and then."""
     p = persister()
     for partition in range(p.settings.partitions):
-        _log_drained(p, p.drain(partition, wait_s=0))
+        _flush_log.drained(p, p.drain(partition, wait_s=0))
     if _report.due():
         _log_lags(p, p.schema.all(), report=True)
         for partition in range(p.settings.partitions):
             p.stream(partition).forget_idle_consumers(DEAD_CONSUMER_IDLE_MS)
 
 
-def _log_drained(p: Persister, done: Drained | None) -> None:
-    """Log what a flush did, if it did anything."""
-    if done is None or not (done.events or done.dead or done.waiting_for_postgres):
-        return
+def _log_drained(p: Persister, done: Drained) -> None:
+    """Log what a flush did (DEBUG; a dead letter at WARNING), and the lag if it grows."""
     rate = done.events / done.seconds if done.seconds > 0 else 0.0
-    log.info(
+    log.log(
+        logging.WARNING if done.dead else logging.DEBUG,
         "partition %d: persisted %d events (%d new, %d already in the ledger) in %d batches, "
         "%.2fs, %.0f events/s%s%s",
         done.partition, done.events, done.new, done.events - done.new, done.batches,
@@ -95,21 +145,29 @@ def _log_drained(p: Persister, done: Drained | None) -> None:
         f"; {done.dead} dead-lettered" if done.dead else "",
         "; Postgres unavailable, events wait in Redis" if done.waiting_for_postgres else "",
     )  # fmt: skip
-    _log_lags(p, [p.schema.all()[done.partition]], report=False)
+    if log.isEnabledFor(logging.DEBUG):  # a round trip to Redis: only when it is written
+        _log_lags(p, [p.schema.all()[done.partition]], report=False)
 
 
 def _log_lags(p: Persister, parts: list[PartitionKeys], *, report: bool) -> None:
-    """Log the lag of `parts`: always if `report`, else only when events wait."""
+    """Log the lag of `parts`: at INFO if `report`, else at DEBUG when events wait; at
+    WARNING whenever the oldest waits longer than LAGGING_S."""
     for lag in read_lags_sync(p.redis, parts):
-        level = logging.WARNING if lag.oldest_age_s > LAGGING_S else logging.INFO
-        if report or level == logging.WARNING or lag.unpersisted:
-            log.log(
-                level,
-                "partition %d lag: %d events not yet in Postgres (%d pending), oldest %.1fs; "
-                "%d persisted in all, %d dead letters",
-                lag.partition, lag.unpersisted, lag.pending, lag.oldest_age_s, lag.persisted,
-                lag.dead_letters,
-            )  # fmt: skip
+        if lag.oldest_age_s > LAGGING_S:
+            level = logging.WARNING
+        elif report:
+            level = logging.INFO
+        elif lag.unpersisted:
+            level = logging.DEBUG
+        else:
+            continue
+        log.log(
+            level,
+            "partition %d lag: %d events not yet in Postgres (%d pending), oldest %.1fs; "
+            "%d persisted in all, %d dead letters",
+            lag.partition, lag.unpersisted, lag.pending, lag.oldest_age_s, lag.persisted,
+            lag.dead_letters,
+        )  # fmt: skip
 
 
 def enqueue_flush(rq_queue: Queue, partition: int) -> None:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,9 +27,10 @@ import redis
 from rq import SimpleWorker
 from rq.cron import CronScheduler
 
-from persister import jobs, layout
+from persister import heartbeat, jobs, layout
 from persister.flush import BACKOFF, failed_again
 from service.connections import check_redis_sync, sync_redis
+from service.persister_lag import HEARTBEAT_S
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,9 @@ def run(settings: Settings) -> int:
     persister.stopping = stop  # a flush running at SIGTERM ends after the batches it has read
     quiet = "DEBUG" if os.environ.get("SCORE_LOG_LEVEL", "").upper() == "DEBUG" else "WARNING"
     logging.getLogger("rq").setLevel(quiet)  # RQ logs every job at INFO: one every 2s
-    cron = threading.Thread(target=_enqueue_sweeps, args=(settings, stop), name="cron", daemon=True)
+    cron = threading.Thread(
+        target=_enqueue_sweeps, args=(settings, stop, persister.consumer), name="cron", daemon=True
+    )
     cron.start()
     changed = threading.Event()
     threading.Thread(
@@ -111,6 +115,9 @@ def run(settings: Settings) -> int:
         return 2 if changed.is_set() else 0
     finally:
         stop.set()
+        cron.join(timeout=5)  # its last beat must not follow our goodbye
+        with contextlib.suppress(redis.RedisError):
+            heartbeat.forget(persister.redis, persister.consumer)
         persister.close()
 
 
@@ -141,10 +148,12 @@ def _wait_for_redis(settings: Settings, stop: threading.Event) -> None:
         client.close()
 
 
-def _enqueue_sweeps(settings: Settings, stop: threading.Event) -> None:
-    """The cron thread: enqueue the sweep every SWEEP_INTERVAL_S until `stop`, whatever fails
-    (a thread that died here would leave events waiting until a request asks for a flush)."""
-    cron = CronScheduler(connection=sync_redis(settings), logging_level="WARNING")
+def _enqueue_sweeps(settings: Settings, stop: threading.Event, worker: str) -> None:
+    """The cron thread: enqueue the sweep every SWEEP_INTERVAL_S, and beat the worker's
+    heartbeat, until `stop`, whatever fails (a thread that died here would leave events
+    waiting until a request asks for a flush)."""
+    client = sync_redis(settings)
+    cron = CronScheduler(connection=client, logging_level="WARNING")
     cron.register(
         jobs.sweep,
         jobs.QUEUE,
@@ -157,7 +166,8 @@ def _enqueue_sweeps(settings: Settings, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             cron.enqueue_jobs()
-            delay = cron.calculate_sleep_interval()
+            heartbeat.beat(client, worker)
+            delay = min(cron.calculate_sleep_interval(), HEARTBEAT_S)
         except redis.RedisError as exc:
             log.warning("could not enqueue the sweep: %s", exc)
             delay = SWEEP_INTERVAL_S

@@ -24,7 +24,7 @@ from service.context import Context, FlushRequester
 from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
 from service.going_away import CloseWhileDraining, hook_shutdown_signals
-from service.health import healthz, metrics, readyz
+from service.health import healthz, metrics, process_exits, readyz
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
 from service.layout import problem as layout_problem
@@ -32,6 +32,7 @@ from service.live import live_routes
 from service.openapi import OPENAPI_PATH, openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
+from service.request_id import RequestId
 from service.scores import post_score
 from service.scripts import Scripts
 from service.settings import Settings
@@ -98,6 +99,7 @@ def create_app(
                 await ctx.auth.jwks.stop()
             await pg.close()
             await client.aclose()
+            process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
     routes = [
         Route("/api/v1/score", post_score, methods=["POST"]),
@@ -117,7 +119,8 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         middleware=[
-            *cors_middleware(settings),  # outermost: refusals below carry the CORS headers too
+            Middleware(RequestId, access_log=settings.access_log),
+            *cors_middleware(settings),  # refusals below carry the CORS headers too
             Middleware(CloseWhileDraining),
             Middleware(ConcurrencyLimit, limit=settings.max_concurrency),
         ],

@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 5_000  # XREAD BLOCK: how long one wait for a change lasts (then re-read anyway)
 RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # reconnecting to Redis: doubling back-off
 
-CONNECTED = Gauge("score_live_connections", "Live leaderboard clients of this process")
+# One series per live worker process (label pid: `serve --workers N`); a worker's go when it
+# ends (service.health.forget_dead_processes)
+CONNECTED = Gauge(
+    "score_live_connections",
+    "Live leaderboard clients of this process",
+    multiprocess_mode="liveall",
+)
 PUBLISHED = Metric("score_live_frames", "Leaderboard frames published to this process's clients")
 CLOSED = Metric("score_live_closed", "Live clients closed or refused by the server", ["reason"])
 WS_CLIENTS = Metric(
@@ -40,7 +46,11 @@ WS_CLIENTS = Metric(
     "WebSocket clients accepted, by send path: direct (pre-framed bytes to the transport) or asgi",
     ["path"],
 )
-FOLLOWING = Gauge("score_live_following", "1 while this process follows the top streams")
+FOLLOWING = Gauge(
+    "score_live_following",
+    "1 while this process follows the top streams",
+    multiprocess_mode="liveall",
+)
 
 TRY_AGAIN_LATER = 1013  # WebSocket close code: a limit is reached, or no state is known yet
 GOING_AWAY = Ending(1001, "the server is shutting down; reconnect", "going_away")

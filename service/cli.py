@@ -16,8 +16,9 @@ from typing import IO, Any
 
 import msgspec
 
+from service import logs
 from service.models import UserId
-from service.settings import ConfigError, Settings
+from service.settings import ConfigError, Settings, log_format
 
 log = logging.getLogger("score_service")
 
@@ -79,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_ping_timeout=settings.live_ping_interval_s,
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
-            access_log=False,
+            access_log=False,  # uvicorn's: ours is SCORE_ACCESS_LOG (service/request_id.py)
             # After SIGTERM's grace period (service/going_away.py): requests in flight get this
             # long to finish; then they are cancelled.
             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
@@ -90,7 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # per-address limit counts the real peer.
             proxy_headers=bool(settings.trusted_proxies),
             forwarded_allow_ips=list(settings.trusted_proxies) or None,
-            log_level=os.environ.get("SCORE_LOG_LEVEL", "info").lower(),
+            # applied again in each worker process: uvicorn's lines in our format too
+            log_config=logs.config(_log_level(), settings.log_format),
+            log_level=_log_level().lower(),
         )
         if args.workers > 1:
             Supervisor(config, sockets=[config.bind_socket()]).run()
@@ -327,13 +330,14 @@ def extra_commands() -> list[tuple[str, Callable[[argparse.ArgumentParser], None
     return commands.COMMANDS
 
 
+def _log_level() -> str:
+    return os.environ.get("SCORE_LOG_LEVEL", "INFO").upper()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=os.environ.get("SCORE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     args = parser().parse_args(argv)
     try:
+        logs.configure(_log_level(), log_format(os.environ))
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"score-service: configuration error: {exc}", file=sys.stderr)

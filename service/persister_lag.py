@@ -17,10 +17,18 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import REGISTRY, Collector
 
 from service.context import Context
-from service.keys import PartitionKeys
+from service.keys import PREFIX, PartitionKeys
 
 PERSISTER_GROUP = "persister"
 """The consumer group of the persister on every events stream."""
+
+WORKERS = f"{PREFIX}:persister:workers"
+"""ZSET of persister workers (`host:pid`) -> their last heartbeat, in ms on Redis's clock
+(persister/heartbeat.py). No hash tag: read by /readyz and the worker's health check only."""
+HEARTBEAT_S = 2.0
+"""A running worker beats this often."""
+HEARTBEAT_FRESH_S = 10.0
+"""A worker whose last heartbeat is older than this is taken for dead (five missed beats)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +156,17 @@ async def read_lags(client: aioredis.Redis, parts: Sequence[PartitionKeys]) -> l
     pipe = client.pipeline(transaction=False)
     asked = _queue_oldest(pipe, parts, reads)
     return _lags(parts, reads, asked, await pipe.execute() if asked else [])
+
+
+async def live_workers(client: aioredis.Redis) -> list[str]:
+    """The persister workers (`host:pid`) whose heartbeat is fresh, by Redis's clock: one
+    round trip."""
+    pipe = client.pipeline(transaction=False)
+    pipe.time()
+    pipe.zrange(WORKERS, 0, -1, withscores=True)
+    (seconds, micros), beats = await pipe.execute()
+    oldest_ms = (seconds + micros / 1e6 - HEARTBEAT_FRESH_S) * 1000
+    return [_text(worker) for worker, at_ms in beats if at_ms >= oldest_ms]
 
 
 class PersisterCollector(Collector):

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import time
 from typing import TypeVar
 
 import msgspec
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -29,6 +30,20 @@ RESPONSES = Counter(
     "score_update_responses", "POST /api/v1/score responses by status code", ["status"]
 )
 ACCEPTED = RESPONSES.labels("200")  # bound once: the hot path's label lookup is free
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+"""From half a millisecond (a request alone on a fast host) to a second (an outage's timeout)."""
+LATENCY = Histogram(
+    "score_update_duration_seconds",
+    "POST /api/v1/score: time in the handler, from the request to its response, by status code",
+    ["status"],
+    buckets=LATENCY_BUCKETS_S,
+)
+ACCEPTED_LATENCY = LATENCY.labels("200")
+REDIS_LATENCY = Histogram(
+    "score_update_redis_seconds",
+    "POST /api/v1/score: the submit_score call to Redis (one batched round trip), its own time",
+    buckets=LATENCY_BUCKETS_S,
+)
 
 MAX_BODY_BYTES = 4096
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -129,12 +144,16 @@ def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
 
 async def post_score(request: Request) -> Response:
     """Add `score_increase` to the caller's own score; the checks run in the contract's order."""
+    started = time.perf_counter()
     try:
         response = await _post_score(request)
     except ApiError as exc:
-        RESPONSES.labels(str(exc.status)).inc()
+        status = str(exc.status)
+        RESPONSES.labels(status).inc()
+        LATENCY.labels(status).observe(time.perf_counter() - started)
         raise
     ACCEPTED.inc()
+    ACCEPTED_LATENCY.observe(time.perf_counter() - started)
     return response
 
 
@@ -166,7 +185,9 @@ async def _post_score(request: Request) -> Response:
     )
     refuse_until_ready(ctx)
     async with redis_unavailable():
+        sent = time.perf_counter()
         result = await ctx.scripts.submit(call)
+        REDIS_LATENCY.observe(time.perf_counter() - sent)
     status = result.status
     if status is Status.NOT_READY:
         raise not_ready()

@@ -87,6 +87,10 @@ class Settings:
     body_timeout_s: float = 5.0
     max_concurrency: int = 1000
     trusted_proxies: tuple[str, ...] = ()
+    # Operations: logs and readiness
+    log_format: str = "text"
+    access_log: bool = False
+    persister_lag_degraded_s: int = 30
 
     @classmethod
     def for_stores(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -160,7 +164,31 @@ class Settings:
             body_timeout_s=_int(e, "SCORE_BODY_TIMEOUT_S", 5, 1, 600),
             max_concurrency=_int(e, "SCORE_MAX_CONCURRENCY", 1000, 1, 1_000_000),
             trusted_proxies=_networks(e, "SCORE_TRUSTED_PROXIES"),
+            log_format=log_format(e),
+            access_log=_flag(e, "SCORE_ACCESS_LOG"),
+            persister_lag_degraded_s=_int(e, "SCORE_PERSISTER_LAG_DEGRADED_S", 30, 1, 86_400),
         )
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    """SCORE_LOG_FORMAT: "text" (the default) or "json" (one object a line)."""
+    value = (_opt(env, "SCORE_LOG_FORMAT") or "text").lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"SCORE_LOG_FORMAT must be text or json, got {value!r}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off (unset: false)."""
+    value = (_opt(env, name) or "0").lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {value!r}")
 
 
 def _stores_only(env: Mapping[str, str]) -> dict[str, str]:

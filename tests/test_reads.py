@@ -145,14 +145,6 @@ def _provision(servers: Servers, r, settings: Settings, users: list[str]) -> Non
         provision_sync(conn, r, KeySchema(settings.partitions), settings.top_n, users)
 
 
-def test_healthz_and_readyz(client) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
-    ready = client.get("/readyz")
-    assert ready.status_code == 200
-    assert ready.json()["status"] == "ready"
-    assert ready.json()["redis"] == "ok" and ready.json()["postgres"] == "ok"
-
-
 def test_postgres_down_is_degraded_but_ready_and_scores_still_work(servers, add_users) -> None:
     (alice,) = add_users(count=1)
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/score_service"
