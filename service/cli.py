@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.connections import refuse_evicting_redis
-    from service.going_away import Supervisor
+    from service.supervisor import Supervisor
 
     settings = Settings.from_env()  # fail fast, in the parent, with one clear line
     refuse_evicting_redis(settings)

@@ -27,7 +27,6 @@ from types import FrameType
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.supervisors.multiprocess import Multiprocess
 
 from service.broadcast import GOING_AWAY, Broadcaster
 from service.context import Context
@@ -135,22 +134,3 @@ class CloseWhileDraining:
             await send(message)
 
         await self.app(scope, receive, closing)
-
-
-class Supervisor(Multiprocess):
-    """uvicorn's supervisor of `serve --workers N`, which gives up its copy of the listening
-    socket on SIGTERM/SIGINT: the socket then closes when the last worker stops listening, and
-    new connections are refused. (uvicorn's keeps it open until it exits: meanwhile the kernel
-    would accept connections that no one serves, and reset them at the end.)"""
-
-    def handle_term(self) -> None:
-        self._release_sockets()
-        super().handle_term()
-
-    def handle_int(self) -> None:
-        self._release_sockets()
-        super().handle_int()
-
-    def _release_sockets(self) -> None:
-        for sock in self.sockets:
-            sock.close()

@@ -176,7 +176,9 @@ def test_the_worker_writes_json_lines(env: dict[str, str], r, pg, add_users, tmp
 
         def summary() -> bool:
             return any(
-                x["logger"] == "persister.jobs" and x["level"] == "INFO"
+                x["logger"] == "persister.jobs"
+                and x["level"] == "INFO"
+                and str(x["message"]).startswith("persisted ")
                 for x in _json_lines(log.read_text())
             )
 
