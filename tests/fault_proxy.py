@@ -67,7 +67,12 @@ class FaultProxy:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.close()
+            server = self._server
+
+            async def close() -> None:  # on the proxy's loop: asyncio is not thread-safe
+                server.close()
+
+            self._call(close())
             self.reset_all()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
