@@ -295,6 +295,9 @@ class PostgresServer:
         if user is None:
             return {}
         _open_path_to(self.directory)
+        # the binaries too: the embedded ones live in a virtualenv that may sit in a 0700
+        # directory of root's (a checkout in a temp dir)
+        _open_path_to(postgres_bindir() / "postgres")
         _chown_tree(self.directory, user)
         return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 

@@ -67,7 +67,8 @@ class Load:
                 if sock is None:
                     try:
                         sock = socket.create_connection(self.address, timeout=WAIT_S)
-                    except ConnectionRefusedError:
+                    except (ConnectionRefusedError, ConnectionResetError):
+                        # reset: taken into the backlog as the last listener closed
                         with self.lock:
                             self.refused_while_draining.append(self.drained.is_set())
                         return  # a real client goes to another instance
@@ -251,6 +252,9 @@ def test_sigterm_during_a_flush_persists_the_batch_read_and_stops(
 
     first = start_worker(env, tmp_path / "first.log")
     try:
+        # its signal handlers are in place once it says so: a SIGTERM before would just kill it
+        started = "persister worker:"
+        wait_for(lambda: started in (tmp_path / "first.log").read_text(), WAIT_S, "the worker")
         wait_for(lambda: len(ledger(pg, users)) > 0, WAIT_S, "the worker to persist")
         assert sigterm_group(first) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
