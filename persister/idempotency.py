@@ -43,7 +43,7 @@ disagree); their exact time left, from the stream id, drops the expired ones."""
 RECENT = """
 SELECT user_id, idempotency_key, delta, total, stream_id FROM score_events
 WHERE idempotency_key IS NOT NULL AND recorded_at >= now() - make_interval(secs => %s)
-ORDER BY split_part(stream_id, '-', 1)::bigint DESC
+ORDER BY split_part(stream_id, '-', 1)::bigint DESC, split_part(stream_id, '-', 2)::bigint DESC
 """
 """Keyed increments committed within the window (the partial index score_events_recent_keys),
 newest acceptance first."""
@@ -61,6 +61,8 @@ class Record:
     total: int
     accepted_ms: int
     """When Redis accepted the increment (its stream id's milliseconds)."""
+    accepted_seq: int
+    """Its stream id's sequence: the order of two increments accepted in one millisecond."""
 
     @property
     def value(self) -> str:
@@ -111,7 +113,7 @@ def _of_event(event: Event) -> Record:
         event.idempotency_key,
         event.delta,
         event.total,
-        stream_key(event.stream_id)[0],
+        *stream_key(event.stream_id),
     )
 
 
@@ -122,12 +124,12 @@ def _of_row(row: tuple[object, ...]) -> Record:
         str(key),
         int(delta),  # type: ignore[call-overload]
         int(total),  # type: ignore[call-overload]
-        stream_key(str(stream_id))[0],
+        *stream_key(str(stream_id)),
     )
 
 
-def _accepted(record: Record) -> int:
-    return record.accepted_ms
+def _accepted(record: Record) -> tuple[int, int]:
+    return record.accepted_ms, record.accepted_seq
 
 
 def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
