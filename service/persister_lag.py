@@ -67,19 +67,26 @@ class _Reads:
     now_s: float
     pending: int
     undelivered: int
+    """Redis's estimate, exact only when no group has read the stream yet."""
+    most_undelivered: int
+    """The stream's length less the pending entries: undelivered ones cannot be more."""
     oldest_pending: str | None
     first_undelivered_after: str | None
     """XRANGE start that finds the oldest undelivered event ("-": the whole stream)."""
     stats: dict[bytes, bytes]
 
-    def lag(self, partition: int, oldest_id: str | None) -> Lag:
+    def lag(self, partition: int, first_undelivered: str | None) -> Lag:
+        oldest_id = self.oldest_pending or first_undelivered
         age = 0.0
         if oldest_id is not None:
             age = max(0.0, self.now_s - int(oldest_id.split("-")[0]) / 1000)
+        undelivered = 0  # nothing after the last delivered entry: no estimate can say more
+        if first_undelivered is not None:
+            undelivered = min(max(self.undelivered, 1), self.most_undelivered)
         return Lag(
             partition=partition,
             pending=self.pending,
-            undelivered=self.undelivered,
+            undelivered=undelivered,
             oldest_age_s=age,
             persisted=int(self.stats.get(b"events", 0)),
             batches=int(self.stats.get(b"batches", 0)),
@@ -92,14 +99,17 @@ def _parse(results: list[Any]) -> _Reads:
     now_s = seconds + micros / 1e6
     group = None if isinstance(groups, Exception) else _persister_group(groups)
     if group is None:  # no persister has read this stream yet: every entry waits
-        return _Reads(now_s, 0, int(length), None, "-" if length else None, stats)
+        return _Reads(now_s, 0, int(length), int(length), None, "-" if length else None, stats)
     pending = int(summary["pending"])
-    # `lag` is unknown after some deletions: the stream's length is then an upper bound
+    # The group's `lag` is Redis's estimate from counters that go stale (unknown after some
+    # deletions, too high after a group was created on a stream that already had entries):
+    # only an upper bound, checked against the stream itself in the second round trip.
+    most = max(0, int(length) - pending)
     lag = group.get("lag")
-    undelivered = int(lag) if lag is not None else max(0, int(length) - pending)
-    after = "(" + _text(group["last-delivered-id"]) if undelivered else None
+    estimate = min(int(lag), most) if lag is not None else most
+    after = "(" + _text(group["last-delivered-id"]) if most else None
     oldest_pending = _text(summary["min"]) if pending else None
-    return _Reads(now_s, pending, undelivered, oldest_pending, after, stats)
+    return _Reads(now_s, pending, estimate, most, oldest_pending, after, stats)
 
 
 def _persister_group(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -116,12 +126,14 @@ def _first_round(results: list[Any], count: int) -> list[_Reads]:
     return [_parse(results[i * _READS : (i + 1) * _READS]) for i in range(count)]
 
 
-def _queue_oldest(pipe: Any, parts: Sequence[PartitionKeys], reads: list[_Reads]) -> list[int]:
-    """Queue an XRANGE for each partition whose oldest waiting event is undelivered; their
-    positions in `parts`."""
+def _queue_first_undelivered(
+    pipe: Any, parts: Sequence[PartitionKeys], reads: list[_Reads]
+) -> list[int]:
+    """Queue an XRANGE for the first undelivered entry of each partition that may have one;
+    their positions in `parts`."""
     asked = []
     for i, (keys, r) in enumerate(zip(parts, reads, strict=True)):
-        if r.oldest_pending is None and r.first_undelivered_after is not None:
+        if r.first_undelivered_after is not None:
             pipe.xrange(keys.events, r.first_undelivered_after, "+", 1)
             asked.append(i)
     return asked
@@ -130,10 +142,10 @@ def _queue_oldest(pipe: Any, parts: Sequence[PartitionKeys], reads: list[_Reads]
 def _lags(
     parts: Sequence[PartitionKeys], reads: list[_Reads], asked: list[int], entries: list[Any]
 ) -> list[Lag]:
-    oldest = [r.oldest_pending for r in reads]
+    first: list[str | None] = [None] * len(parts)
     for i, found in zip(asked, entries, strict=True):
-        oldest[i] = _text(found[0][0]) if found else None
-    return [r.lag(k.index, o) for k, r, o in zip(parts, reads, oldest, strict=True)]
+        first[i] = _text(found[0][0]) if found else None
+    return [r.lag(k.index, f) for k, r, f in zip(parts, reads, first, strict=True)]
 
 
 def read_lags_sync(client: redis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
@@ -143,7 +155,7 @@ def read_lags_sync(client: redis.Redis, parts: Sequence[PartitionKeys]) -> list[
         _queue_reads(pipe, keys)
     reads = _first_round(pipe.execute(raise_on_error=False), len(parts))
     pipe = client.pipeline(transaction=False)
-    asked = _queue_oldest(pipe, parts, reads)
+    asked = _queue_first_undelivered(pipe, parts, reads)
     return _lags(parts, reads, asked, pipe.execute() if asked else [])
 
 
@@ -154,7 +166,7 @@ async def read_lags(client: aioredis.Redis, parts: Sequence[PartitionKeys]) -> l
         _queue_reads(pipe, keys)
     reads = _first_round(await pipe.execute(raise_on_error=False), len(parts))
     pipe = client.pipeline(transaction=False)
-    asked = _queue_oldest(pipe, parts, reads)
+    asked = _queue_first_undelivered(pipe, parts, reads)
     return _lags(parts, reads, asked, await pipe.execute() if asked else [])
 
 
