@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from persister.locks import flush_lock
 from persister.store import TRANSIENT, Store
 from persister.stream import EventStream
 from service.connections import sync_redis
-from service.keys import KeySchema
+from service.keys import KeySchema, PartitionKeys
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,15 @@ class Persister:
     """Drains events into Postgres. One per worker process (it keeps a Postgres connection,
     and the backoff state survives from one flush to the next)."""
 
-    def __init__(self, settings: Settings, consumer: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        consumer: str | None = None,
+        parts: Sequence[PartitionKeys] | None = None,
+    ) -> None:
         self.settings = settings
-        self.schema = KeySchema(settings.partitions)
+        self.parts = list(parts) if parts is not None else KeySchema(settings.partitions).all()
+        """The partitions it drains (`partitions set` gives those of two layouts at once)."""
         self.redis = sync_redis(settings)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.store = Store(settings.database_url)
@@ -92,14 +99,14 @@ class Persister:
 
     def stream(self, partition: int) -> EventStream:
         """The partition's events stream, as this persister's consumer."""
-        return EventStream(self.redis, self.schema.all()[partition], self.consumer)
+        return EventStream(self.redis, self.parts[partition], self.consumer)
 
     def drain(
         self, partition: int, *, budget_s: float = FLUSH_BUDGET_S, wait_s: float = LOCK_WAIT_S
     ) -> Drained | None:
         """Persist the partition's waiting events; None if another flush holds it (that flush
         reads our events too: the flag was cleared when it started)."""
-        keys = self.schema.all()[partition]
+        keys = self.parts[partition]
         lock = flush_lock(self.redis, keys)
         if not lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s):
             return None

@@ -88,7 +88,7 @@ class FlushLog:
             return
         now = self._clock()
         seconds = max(now - self._since, 1e-3)
-        lags = read_lags_sync(p.redis, p.schema.all())
+        lags = read_lags_sync(p.redis, p.parts)
         oldest = max((lag.oldest_age_s for lag in lags), default=0.0)
         log.log(
             logging.WARNING if oldest > LAGGING_S else logging.INFO,
@@ -128,7 +128,7 @@ def sweep() -> None:
     for partition in range(p.settings.partitions):
         _flush_log.drained(p, p.drain(partition, wait_s=0))
     if _report.due():
-        _log_lags(p, p.schema.all(), report=True)
+        _log_lags(p, p.parts, report=True)
         for partition in range(p.settings.partitions):
             p.stream(partition).forget_idle_consumers(DEAD_CONSUMER_IDLE_MS)
 
@@ -146,7 +146,7 @@ def _log_drained(p: Persister, done: Drained) -> None:
         "; Postgres unavailable, events wait in Redis" if done.waiting_for_postgres else "",
     )  # fmt: skip
     if log.isEnabledFor(logging.DEBUG):  # a round trip to Redis: only when it is written
-        _log_lags(p, [p.schema.all()[done.partition]], report=False)
+        _log_lags(p, [p.parts[done.partition]], report=False)
 
 
 def _log_lags(p: Persister, parts: list[PartitionKeys], *, report: bool) -> None:

@@ -24,7 +24,15 @@ import redis
 from persister.flush import BACKOFF, failed_again
 from service.connections import sync_redis
 from service.keys import KeySchema
-from service.layout import CHANGE_COMMAND, Layout, LayoutMismatch, decode, encode, layout_of
+from service.layout import (
+    CHANGE_COMMAND,
+    Layout,
+    LayoutMismatch,
+    decode,
+    encode,
+    layout_of,
+    normalized,
+)
 from service.layout import problem as layout_problem
 from service.settings import ConfigError, Settings
 
@@ -33,9 +41,9 @@ log = logging.getLogger(__name__)
 Conn = psycopg.Connection[tuple[object, ...]]
 KEY = KeySchema(1).layout  # the same for every count
 
-_COLUMNS = "version, partitions, changing_from"
+_COLUMNS = "version, partitions, changing_from, changing_from_version"
 _SELECT = f"SELECT {_COLUMNS} FROM score_layout"  # noqa: S608 - constants only
-_INSERT = f"INSERT INTO score_layout ({_COLUMNS}) VALUES (%s, %s, %s) ON CONFLICT (id) "  # noqa: S608
+_INSERT = f"INSERT INTO score_layout ({_COLUMNS}) VALUES (%s, %s, %s, %s) ON CONFLICT (id) "  # noqa: S608
 
 
 def read_postgres(conn: Conn) -> Layout | None:
@@ -49,10 +57,11 @@ def read_postgres(conn: Conn) -> Layout | None:
         ) from None
     if row is None:
         return None
-    version, partitions, changing_from = row
+    version, partitions, changing_from, from_version = row
     assert isinstance(version, int) and isinstance(partitions, int)
     assert changing_from is None or isinstance(changing_from, int)
-    return Layout(partitions, version, changing_from)
+    assert from_version is None or isinstance(from_version, int)
+    return normalized(Layout(partitions, version, changing_from, from_version))
 
 
 def write_postgres(conn: Conn, layout: Layout, *, replace: bool) -> Layout:
@@ -60,14 +69,15 @@ def write_postgres(conn: Conn, layout: Layout, *, replace: bool) -> Layout:
     layout recorded afterwards."""
     conflict = (
         "DO UPDATE SET version = excluded.version, partitions = excluded.partitions,"
-        " changing_from = excluded.changing_from, updated_at = now()"
+        " changing_from = excluded.changing_from,"
+        " changing_from_version = excluded.changing_from_version, updated_at = now()"
         if replace
         else "DO NOTHING"
     )
     with conn.transaction():
         conn.execute(
             _INSERT + conflict,
-            (layout.version, layout.partitions, layout.changing_from),
+            (layout.version, layout.partitions, layout.changing_from, layout.changing_from_version),
         )
     recorded = read_postgres(conn)
     assert recorded is not None

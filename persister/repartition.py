@@ -41,7 +41,7 @@ from persister.layout import read_postgres, read_redis, write_postgres, write_re
 from persister.locks import PersisterBusy
 from persister.rebuild import REBUILD_LOCK_TTL_S, REBUILD_WAIT_S, Rebuilt, rebuild
 from service.connections import sync_redis
-from service.keys import KeySchema, PartitionKeys
+from service.keys import PartitionKeys
 from service.layout import CHANGE_COMMAND, Layout, layout_of
 from service.persister_lag import PERSISTER_GROUP, Lag, read_lags_sync
 from service.settings import ConfigError, Settings
@@ -76,11 +76,14 @@ class Changed:
 
 @dataclass(frozen=True, slots=True)
 class Shown:
-    """The recorded layout and each partition's backlog."""
+    """The recorded layout, and each partition's place and backlog."""
 
     postgres: Layout | None
     redis: Layout | None
+    parts: list[PartitionKeys]
     lags: list[Lag]
+    nodes: list[str]
+    """Where each partition's keys live: the primary's address on a Redis Cluster, else ""."""
 
 
 def show(settings: Settings) -> Shown:
@@ -90,11 +93,17 @@ def show(settings: Settings) -> Shown:
         with psycopg.connect(settings.database_url, connect_timeout=5, autocommit=True) as conn:
             in_postgres = read_postgres(conn)
         in_redis = read_redis(client)
-        recorded = in_postgres or in_redis
-        count = settings.partitions if recorded is None else _widest(recorded)
-        return Shown(in_postgres, in_redis, read_lags_sync(client, KeySchema(count).all()))
+        recorded = in_postgres or in_redis or layout_of(settings)
+        parts = recorded.holding()
+        nodes = [_primary(client, keys) for keys in parts]
+        return Shown(in_postgres, in_redis, parts, read_lags_sync(client, parts), nodes)
     finally:
         client.close()
+
+
+def _primary(client: redis.Redis, keys: PartitionKeys) -> str:
+    find = getattr(client, "get_node_from_key", None)  # only a cluster client has it
+    return "" if find is None else str(find(keys.events).name)
 
 
 def render(shown: Shown) -> str:
@@ -110,13 +119,15 @@ def render(shown: Shown) -> str:
             f"partitions: Postgres records {pg.describe() if pg else 'nothing'}, Redis "
             f"{rd.describe() if rd else 'nothing'}"
         )
-    lines = [head, f"  {'partition':>9}  {'hash tag':<10} {'events waiting':>14} {'pending':>8} "
-                   f"{'oldest':>8} {'dead letters':>12}"]  # fmt: skip
-    for lag in shown.lags:
-        tag = PartitionKeys(lag.partition).tag
+    on_cluster = any(shown.nodes)
+    lines = [head, f"  {'partition':>9}  {'hash tag':<10} {'slot':>5} {'events waiting':>14} "
+                   f"{'pending':>8} {'oldest':>8} {'dead letters':>12}"
+                   + ("  primary" if on_cluster else "")]  # fmt: skip
+    for keys, lag, node in zip(shown.parts, shown.lags, shown.nodes, strict=True):
         lines.append(
-            f"  {lag.partition:>9}  {tag:<10} {lag.unpersisted:>14} {lag.pending:>8} "
-            f"{lag.oldest_age_s:>7.1f}s {lag.dead_letters:>12}"
+            f"  {keys.index:>9}  {keys.tag:<10} {keys.slot:>5} {lag.unpersisted:>14} "
+            f"{lag.pending:>8} {lag.oldest_age_s:>7.1f}s {lag.dead_letters:>12}"
+            + (f"  {node}" if on_cluster else "")
         )
     return "\n".join(lines)
 
@@ -140,9 +151,9 @@ def change(
             if before == in_redis == Layout(target):
                 say(f"the layout already has {target} partition(s): nothing to do")
                 return None
-            wide = max(target, _widest(before), _widest(in_redis))
-            changing = Layout(target, changing_from=wide)
-            drained = _move(client, conn, settings, changing, say, timeout_s)
+            changing = _changing(before, in_redis, target)
+            holding = _union(changing.holding(), *(r.holding() for r in (before, in_redis) if r))
+            drained = _move(client, conn, settings, changing, holding, say, timeout_s)
             say(f"5/5 rebuilding Redis from Postgres with {target} partition(s)")
             rebuilt = rebuild(dataclasses.replace(settings, partitions=target), force=True)
             assert rebuilt is not None  # forced: it always runs
@@ -153,11 +164,27 @@ def change(
     return Changed(before, Layout(target), drained, rebuilt, round(time.monotonic() - began, 3))
 
 
-def _widest(layout: Layout | None) -> int:
-    """How many partitions may hold data under `layout`."""
-    if layout is None:
-        return 0
-    return max(layout.partitions, layout.changing_from or 0)
+def _changing(before: Layout, in_redis: Layout | None, target: int) -> Layout:
+    """The layout to record while the data moves to `target` partitions: a change under way
+    is finished first, to the count it was started with."""
+    for recorded in (before, in_redis):
+        if recorded is not None and recorded.changing:
+            if recorded.partitions != target:
+                raise ConfigError(
+                    f"a change to {recorded.partitions} partition(s) is under way: finish it "
+                    f"with `{CHANGE_COMMAND} {recorded.partitions}` first"
+                )
+            return recorded
+    return Layout(target, changing_from=before.partitions, changing_from_version=before.version)
+
+
+def _union(*lists: list[PartitionKeys]) -> list[PartitionKeys]:
+    """The partitions of several layouts, each once (by hash tag)."""
+    seen: dict[str, PartitionKeys] = {}
+    for parts in lists:
+        for keys in parts:
+            seen.setdefault(keys.tag, keys)
+    return list(seen.values())
 
 
 def _exclusive(conn: psycopg.Connection[tuple[object, ...]]) -> None:
@@ -171,31 +198,31 @@ def _move(
     conn: psycopg.Connection[tuple[object, ...]],
     settings: Settings,
     changing: Layout,
+    holding: list[PartitionKeys],
     say: Say,
     timeout_s: float,
 ) -> int:
-    """Steps 1 to 4, holding the rebuild lock (no rebuild starts meanwhile); the increments
-    drained."""
-    wide = KeySchema(_widest(changing))
+    """Steps 1 to 4 on the partitions `holding` data, holding the rebuild lock (no rebuild
+    starts meanwhile); the increments drained."""
     lock: Lock = client.lock(
-        wide.rebuild_lock, timeout=REBUILD_LOCK_TTL_S, sleep=0.1, thread_local=False
+        changing.schema().rebuild_lock, timeout=REBUILD_LOCK_TTL_S, sleep=0.1, thread_local=False
     )
     if not lock.acquire(blocking_timeout=REBUILD_WAIT_S):
         raise PersisterBusy(f"a rebuild still runs after {REBUILD_WAIT_S:.0f}s")
     try:
         write_postgres(conn, changing, replace=True)
         write_redis(client, changing, replace=True)
-        client.delete(*wide.ready_markers)
+        client.delete(*(k.ready for k in holding))
         say(
             f"1/5 writes refused: the services answer 503 until the change is done "
             f"(waiting {GRACE_S:.0f}s for them to notice)"
         )
         time.sleep(GRACE_S)
-        client.delete(*(k.leaderboard for k in wide.all()))
-        say(f"2/5 the leaderboards of all {len(wide.all())} partition(s) are fenced off")
-        drained = _drain(settings, wide, lambda: _renew(lock), say, timeout_s)
+        client.delete(*(k.leaderboard for k in holding))
+        say(f"2/5 the leaderboards of all {len(holding)} partition(s) are fenced off")
+        drained = _drain(settings, holding, lambda: _renew(lock), say, timeout_s)
         say(f"3/5 every events stream is drained into Postgres ({drained} increments committed)")
-        dropped = _drop(client, wide, changing.partitions)
+        dropped = _drop(client, holding, changing.schema().all())
         if dropped:
             say(f"4/5 deleted the keys of partitions {dropped} (dead letters are kept)")
         else:
@@ -216,22 +243,25 @@ def _renew(lock: Lock) -> None:
 
 
 def _drain(
-    settings: Settings, wide: KeySchema, renew: Callable[[], object], say: Say, timeout_s: float
+    settings: Settings,
+    holding: list[PartitionKeys],
+    renew: Callable[[], object],
+    say: Say,
+    timeout_s: float,
 ) -> int:
     """Flush every partition until none holds an increment Postgres has not committed."""
     persister = Persister(
-        dataclasses.replace(settings, partitions=wide.partitions),
-        consumer=f"partitions-set:{socket.gethostname()}:{os.getpid()}",
+        settings, consumer=f"partitions-set:{socket.gethostname()}:{os.getpid()}", parts=holding
     )
     deadline = time.monotonic() + timeout_s
     drained, failures = 0, 0
     try:
         while True:
-            for keys in wide.all():
-                done = persister.drain(keys.index, wait_s=LOCK_WAIT_S)
+            for position in range(len(holding)):
+                done = persister.drain(position, wait_s=LOCK_WAIT_S)
                 drained += done.events if done else 0
                 renew()
-            waiting = sum(lag.unpersisted for lag in read_lags_sync(persister.redis, wide.all()))
+            waiting = sum(lag.unpersisted for lag in read_lags_sync(persister.redis, holding))
             if not waiting:
                 return drained
             if time.monotonic() > deadline:
@@ -243,15 +273,17 @@ def _drain(
             say(f"   {waiting} increments still wait in Redis (pending or refused); again")
             time.sleep(BACKOFF.compute(failures))
     finally:
-        for keys in wide.all():
+        for keys in holding:
             with contextlib.suppress(redis.RedisError):
                 persister.redis.xgroup_delconsumer(keys.events, PERSISTER_GROUP, persister.consumer)
         persister.close()
 
 
-def _drop(client: redis.Redis, wide: KeySchema, keep: int) -> str:
-    """Delete the keys of partitions `keep` and above (their streams are drained); which."""
-    dropped = wide.all()[keep:]
+def _drop(client: redis.Redis, holding: list[PartitionKeys], keep: list[PartitionKeys]) -> str:
+    """Delete the keys of the partitions the new layout does not `keep` (their streams are
+    drained); which, by hash tag."""
+    kept = {k.tag for k in keep}
+    dropped = [k for k in holding if k.tag not in kept]
     for keys in dropped:
         if client.xlen(keys.events):
             raise ChangeIncomplete(f"partition {keys.index}'s events stream is not empty")
@@ -259,6 +291,4 @@ def _drop(client: redis.Redis, wide: KeySchema, keep: int) -> str:
             keys.events, keys.top, keys.flush_flag, keys.persist_stats, keys.persist_failures,
             keys.rebuilt_leaderboard, keys.leaderboard,
         )  # fmt: skip
-    if not dropped:
-        return ""
-    return f"{dropped[0].index}-{dropped[-1].index}" if len(dropped) > 1 else str(keep)
+    return ", ".join(k.tag for k in dropped)

@@ -74,6 +74,11 @@ MIGRATIONS: list[str] = [
     );
     """,
     # ---- end of the ledger's retention -------------------------------------------------------
+    # The key scheme of the layout a change moves away from (service.keys.KEY_SCHEME: hash tags
+    # placed by slot since 2); NULL for changes recorded before it was kept, all of scheme 1.
+    """
+    ALTER TABLE score_layout ADD COLUMN IF NOT EXISTS changing_from_version int;
+    """,
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).

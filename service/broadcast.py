@@ -15,12 +15,14 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from typing import Any
 
 from prometheus_client import Counter as Metric
 from prometheus_client import Gauge
+from redis.backoff import ExponentialBackoff
 
 from service.connections import async_redis
-from service.frames import Frame, encode_frame
+from service.frames import Frame, encode_frame, version_order
 from service.keys import KeySchema
 from service.leaderboard import build
 from service.settings import Settings
@@ -30,7 +32,8 @@ from service.tops import Tops, read_tops
 log = logging.getLogger(__name__)
 
 BLOCK_MS = 5_000  # XREAD BLOCK: how long one wait for a change lasts (then re-read anyway)
-RETRY_MIN_S, RETRY_MAX_S = 0.1, 2.0  # reconnecting to Redis: doubling back-off
+BACKOFF = ExponentialBackoff(cap=2.0, base=0.1)
+"""Reconnecting to Redis: 0.1 s, doubling, at most 2 s."""
 
 # One series per live worker process (label pid: `serve --workers N`); a worker's go when it
 # ends (service.health.forget_dead_processes)
@@ -80,6 +83,7 @@ class Broadcaster:
         self._behind: set[Subscriber] = set()  # clients still holding an unsent frame
         self._per_address: Counter[str] = Counter()
         self._tasks: list[asyncio.Task[None]] = []
+        self._seen: dict[str, str] = {}  # top stream -> the newest id read_tops found
 
     async def start(self) -> None:
         """Start following Redis (in the background: Redis may be down) and publishing."""
@@ -159,31 +163,69 @@ class Broadcaster:
     async def _follow(self) -> None:
         """Keep `latest` equal to Redis's newest top-N.
 
-        XREAD is only the doorbell: whatever a burst appended, the state is then read whole
-        and atomically by `read_tops`, the very read behind GET /api/v1/leaderboard, so a
-        frame and a REST body of the same version are the same. The cost of a wake-up does
-        not grow with the burst, and a Redis outage, restart or rebuild needs no special case.
+        XREAD is only the doorbell: whatever a burst appended, the state is then read whole by
+        `read_tops`, the very read behind GET /api/v1/leaderboard, so a frame and a REST body
+        of the same version are the same. The cost of a wake-up does not grow with the burst,
+        and a Redis outage, restart, rebuild or failover needs no special case. Each partition
+        has a doorbell of its own: on a Redis Cluster one XREAD of several partitions' streams
+        would be refused (CROSSSLOT), and a primary's failover stops only its own.
         """
-        delay = RETRY_MIN_S
         parts = self.schema.all()
-        while True:
-            try:
-                tops = await read_tops(self._redis, self.schema, self.settings.top_n)
-                self._update(tops)
-                if delay > RETRY_MIN_S:
+        bell = asyncio.Event()
+        doorbells: list[asyncio.Task[None]] = []
+        failures = 0
+        try:
+            while True:
+                bell.clear()
+                try:
+                    tops = await read_tops(self._redis, self.schema, self.settings.top_n)
+                except (
+                    Exception
+                ) as exc:  # Redis down, restarting, loading: clients keep the last state
+                    if not failures:
+                        log.warning("live leaderboard: lost Redis (%s); retrying", exc)
+                    FOLLOWING.set(0)
+                    failures += 1
+                    await asyncio.sleep(BACKOFF.compute(failures))
+                    continue
+                if failures:
                     log.info("live leaderboard: following Redis again")
-                    delay = RETRY_MIN_S
+                    failures = 0
                 FOLLOWING.set(1)
-                positions = {p.top: v for p, v in zip(parts, tops.versions, strict=True)}
-                await self._redis.xread(positions, count=1, block=BLOCK_MS)  # type: ignore[arg-type]
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down, restarting, loading: clients keep the last state
-                if delay == RETRY_MIN_S:
-                    log.warning("live leaderboard: lost Redis (%s); retrying", exc)
-                FOLLOWING.set(0)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                self._seen.update((p.top, v) for p, v in zip(parts, tops.versions, strict=True))
+                self._update(tops)
+                if not doorbells:
+                    doorbells = [
+                        asyncio.create_task(self._doorbell(p.top, bell), name=f"live-{p.tag}")
+                        for p in parts
+                    ]
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BLOCK_MS / 1000):
+                        await bell.wait()
+        finally:
+            for task in doorbells:
+                task.cancel()
+            await asyncio.gather(*doorbells, return_exceptions=True)
+
+    async def _doorbell(self, top: str, bell: asyncio.Event) -> None:
+        """Ring `bell` whenever the top stream `top` has an entry past the last one seen."""
+        failures = 0
+        position = self._seen[top]
+        while True:
+            seen = self._seen[top]
+            if (version_order(seen) or (0, 0)) > (version_order(position) or (0, 0)):
+                position = seen  # read_tops has caught up past it: skip what it read
+            try:
+                found: Any = await self._redis.xread({top: position}, count=1, block=BLOCK_MS)
+            except Exception:  # the follower's read reports it; ring, so that it tries
+                bell.set()
+                failures += 1
+                await asyncio.sleep(BACKOFF.compute(failures))
+                continue
+            failures = 0
+            if found:
+                position = _text(found[0][1][0][0])
+                bell.set()
 
     def _update(self, tops: Tops) -> None:
         frame = encode_frame(build(tops.versions, tops.rows, self.settings.top_n))
@@ -238,3 +280,7 @@ class Broadcaster:
             await asyncio.sleep(self.settings.live_ping_interval_s)
             for sub in self._subscribers:
                 sub.ping()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -16,8 +16,10 @@ import redis.asyncio.retry
 import redis.exceptions
 import redis.retry
 from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 
+from service import topology
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -51,10 +53,29 @@ def async_redis(
         "retry": redis.asyncio.retry.Retry(NoBackoff(), _retries(reads_only), _RETRIED),
         "health_check_interval": 0,
     }
-    client = aioredis.Redis.from_url(settings.redis_url, **(options | overrides))
-    pool = client.connection_pool
-    pool.connection_class = _CLOSED_TRANSPORT_SAFE.get(pool.connection_class, pool.connection_class)
-    return client
+    client = topology.async_client(settings.redis, **(options | overrides))
+    _closed_transport_safe(client)
+    client_: aioredis.Redis = client
+    return client_
+
+
+def _closed_transport_safe(client: Any) -> None:
+    """Swap the client's connection class for its _ClosedTransportIsConnectionError form: in
+    its pool (one server, Sentinel), or in every cluster node's."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pool.connection_class = _safe(pool.connection_class)
+        return
+    nodes = client.nodes_manager
+    nodes.connection_kwargs["connection_class"] = _safe(
+        nodes.connection_kwargs.get("connection_class", aioredis.Connection)
+    )
+    for node in nodes.startup_nodes.values():
+        node.connection_class = _safe(node.connection_class)
+
+
+def _safe(connection_class: type[Any]) -> type[Any]:
+    return _CLOSED_TRANSPORT_SAFE.get(connection_class, connection_class)
 
 
 class _ClosedTransportIsConnectionError(AbstractConnection):
@@ -82,10 +103,20 @@ class _SafeUnixConnection(_ClosedTransportIsConnectionError, aioredis.UnixDomain
     pass
 
 
+class _SafeSentinelConnection(_ClosedTransportIsConnectionError, SentinelManagedConnection):
+    pass
+
+
+class _SafeSentinelSSLConnection(_ClosedTransportIsConnectionError, SentinelManagedSSLConnection):
+    pass
+
+
 _CLOSED_TRANSPORT_SAFE: dict[type[Any], type[Any]] = {
     aioredis.Connection: _SafeConnection,
     aioredis.SSLConnection: _SafeSSLConnection,
     aioredis.UnixDomainSocketConnection: _SafeUnixConnection,
+    SentinelManagedConnection: _SafeSentinelConnection,
+    SentinelManagedSSLConnection: _SafeSentinelSSLConnection,
 }
 
 
@@ -98,7 +129,8 @@ def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
         "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
         "health_check_interval": 0,
     }
-    return redis.Redis.from_url(settings.redis_url, **(options | overrides))
+    client: redis.Redis = topology.sync_client(settings.redis, **(options | overrides))
+    return client
 
 
 # A read sent again after a broken connection: after a failover, the first use of a pooled

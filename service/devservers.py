@@ -204,6 +204,8 @@ class RedisServer:
     port: int = 0
     extra: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
+    config: Path = REDIS_CONF
+    """The configuration file (a sentinel gets one of its own: it rewrites it)."""
 
     @property
     def url(self) -> str:
@@ -223,7 +225,7 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         args = [
-            redis_binary(), str(REDIS_CONF),
+            redis_binary(), str(self.config),
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
             "--pidfile", str(self.pid_file), *self.extra,

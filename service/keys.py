@@ -1,20 +1,53 @@
 """The Redis key schema.
 
-Every key carries its partition's hash tag (`{p0}`, `{p1}`, ...) so that all keys one Lua call
-touches live in one Redis Cluster slot. A user belongs to partition
-`crc32(user_id) % partitions`. Key names are built here and only here: Lua scripts receive
-them in KEYS, never build them.
+Every key carries its partition's hash tag so that all keys one Lua call touches live in one
+Redis Cluster slot. A user belongs to partition `crc32(user_id) % partitions`. Key names are
+built here and only here: Lua scripts receive them in KEYS, never build them.
+
+Hash tags spread the partitions over a cluster's primaries: partition i of P gets the first of
+`p<i>`, `p<i>.1`, `p<i>.2`, ... whose slot lies in the i-th of P equal slot ranges. A cluster
+whose primaries own equal contiguous ranges (what `redis-cli --cluster create` makes) so holds
+P/primaries partitions on each primary when P is a multiple of their number, and P=3 on three
+primaries puts one on each. `score-service partitions` shows where each one is. (Key scheme 1,
+before: `p<i>` alone, whose slots fall where they may: {p0}, {p1}, {p2} are all on two of
+three primaries. With one partition both schemes give `{p0}`.)
 """
 
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "score"
+KEY_SCHEME = 2
+"""The current key scheme (see above); recorded with the layout (service.layout)."""
 OPERATOR_KEY_PREFIX = "operator "
 """Prefixes an operator's Idempotency-Key in its stored form. It holds a space, which no
 player's key (1-200 printable ASCII characters, no space) can: the two never meet."""
+
+
+@cache
+def partition_tag(index: int, partitions: int, scheme: int = KEY_SCHEME) -> str:
+    """The hash tag's text (without braces) of partition `index` of `partitions`."""
+    if scheme == 1:
+        return f"p{index}"
+    low, high = slot_range(index, partitions)
+    for n in range(100_000):  # a few hundred candidates at most, in practice
+        name = f"p{index}.{n}" if n else f"p{index}"
+        if low <= key_slot(name.encode()) < high:
+            return name
+    raise AssertionError(f"no hash tag for partition {index} of {partitions}")
+
+
+def slot_range(index: int, parts: int) -> tuple[int, int]:
+    """The `index`-th of `parts` equal contiguous Redis Cluster slot ranges: [low, high)."""
+    return (
+        index * REDIS_CLUSTER_HASH_SLOTS // parts,
+        (index + 1) * REDIS_CLUSTER_HASH_SLOTS // parts,
+    )
 
 
 def partition_of(user_id: str, partitions: int) -> int:
@@ -36,10 +69,17 @@ class PartitionKeys:
     """The keys of one partition."""
 
     index: int
+    name: str
+    """The hash tag's text (partition_tag)."""
 
     @property
     def tag(self) -> str:
-        return f"{{p{self.index}}}"
+        return "{" + self.name + "}"
+
+    @property
+    def slot(self) -> int:
+        """The Redis Cluster slot of every key of this partition."""
+        return key_slot(self.name.encode())
 
     @property
     def leaderboard(self) -> str:
@@ -119,12 +159,16 @@ class KeySchema:
     """Key names for a deployment with `partitions` partitions."""
 
     partitions: int
+    scheme: int = KEY_SCHEME
 
     def all(self) -> list[PartitionKeys]:
-        return [PartitionKeys(i) for i in range(self.partitions)]
+        return [self.partition(i) for i in range(self.partitions)]
+
+    def partition(self, index: int) -> PartitionKeys:
+        return PartitionKeys(index, partition_tag(index, self.partitions, self.scheme))
 
     def for_user(self, user_id: str) -> PartitionKeys:
-        return PartitionKeys(partition_of(user_id, self.partitions))
+        return self.partition(partition_of(user_id, self.partitions))
 
     @property
     def ready_markers(self) -> list[str]:

@@ -7,17 +7,18 @@ splits one user's increments over two partitions. So the layout is recorded in P
 Redis (`score:layout`, see persister.layout), every partition-aware process compares it with its
 own, and only `score-service partitions set N` changes it.
 
-`version` names the key scheme (1: hash tags `{pN}`, crc32 modulo the count); a future scheme
-gets a new number, and a process that does not know it refuses it like another count.
+`version` names the key scheme (service.keys.KEY_SCHEME); a process refuses a layout of
+another scheme like another count, and `partitions set N` moves the keys to the current one.
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from service.keys import KEY_SCHEME, KeySchema, PartitionKeys
 from service.settings import ConfigError, Settings
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = KEY_SCHEME
 CHANGE_COMMAND = "score-service partitions set"
 
 
@@ -27,12 +28,27 @@ class Layout(msgspec.Struct, frozen=True, omit_defaults=True):
     partitions: int
     version: int = LAYOUT_VERSION
     changing_from: int | None = None
-    """Set while `partitions set` moves the data to `partitions`: every partition below this
-    count may still hold keys of the layout before."""
+    """Set while `partitions set` moves the data to `partitions`: the partitions of the layout
+    before (this count, of key scheme `changing_from_version`) may still hold keys."""
+    changing_from_version: int | None = None
+    """The key scheme of the layout before (absent: 1, as recorded before it was kept)."""
 
     @property
     def changing(self) -> bool:
         return self.changing_from is not None
+
+    def schema(self) -> KeySchema:
+        return KeySchema(self.partitions, self.version)
+
+    def holding(self) -> list[PartitionKeys]:
+        """Every partition that may hold keys under this layout: its own, and while it is
+        being changed, those of the layout before."""
+        parts = self.schema().all()
+        if self.changing_from is not None:
+            before = KeySchema(self.changing_from, self.changing_from_version or 1)
+            tags = {p.tag for p in parts}
+            parts += [p for p in before.all() if p.tag not in tags]
+        return parts
 
     def describe(self) -> str:
         if self.changing_from is not None:
@@ -65,11 +81,20 @@ def encode(layout: Layout) -> bytes:
 def decode(raw: bytes | str) -> Layout:
     """The layout in a record; LayoutMismatch for one this version cannot read."""
     try:
-        return _decoder.decode(raw)
+        layout = _decoder.decode(raw)
     except msgspec.DecodeError as exc:
         raise LayoutMismatch(
             f"the recorded partition layout {raw!r} is unreadable by this version: {exc}"
         ) from None
+    return normalized(layout)
+
+
+def normalized(layout: Layout) -> Layout:
+    """`layout`, as of the current key scheme when its keys are the same in both: one
+    partition is `{p0}` in every scheme."""
+    if layout.version == 1 and layout.partitions == 1 and not layout.changing:
+        return Layout(1)
+    return layout
 
 
 def problem(recorded: Layout | None, settings: Settings) -> str | None:
@@ -79,6 +104,12 @@ def problem(recorded: Layout | None, settings: Settings) -> str | None:
         return None
     if recorded.changing:
         return f"the partition layout is {recorded.describe()}"
+    if recorded.partitions == settings.partitions and recorded.version != LAYOUT_VERSION:
+        return (
+            f"this deployment's keys are of key scheme version {recorded.version}, this "
+            f"version uses {LAYOUT_VERSION}: move them with `{CHANGE_COMMAND} "
+            f"{settings.partitions}` (drains, moves and rebuilds while the services run)"
+        )
     if recorded != layout_of(settings):
         return (
             f"SCORE_PARTITIONS is {settings.partitions} but this deployment has "

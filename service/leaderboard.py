@@ -40,16 +40,22 @@ def ranked(rows: list[Row]) -> list[Entry]:
     return entries
 
 
-def newest(versions: Iterable[str]) -> str:
-    """The largest stream id (a merged leaderboard's version)."""
-    best, best_key = EMPTY_VERSION, (0, 0)
+def combined(versions: Iterable[str]) -> str:
+    """One version for the partitions' top stream ids together: "<sum of ms>-<sum of seq>".
+
+    Any partition's newer id makes it larger, read as a pair: a newer id has a larger ms (the
+    first sum grows, whatever the second does) or the same ms and a larger seq (the first is
+    unchanged, the second grows). So it only grows, whichever partition changed and whatever
+    the clocks of the primaries that hold them, and every service process derives the same
+    version from the same state. One partition: its stream id itself.
+    """
+    ms_sum = seq_sum = 0
     for v in versions:
         ms, _, seq = v.partition("-")
-        key = (int(ms), int(seq or 0))
-        if key > best_key:
-            best, best_key = v, key
-    return best
+        ms_sum += int(ms)
+        seq_sum += int(seq or 0)
+    return f"{ms_sum}-{seq_sum}"
 
 
 def build(versions: Iterable[str], parts: Iterable[list[Row]], limit: int) -> Leaderboard:
-    return Leaderboard(version=newest(versions), top=ranked(merge(parts, limit)))
+    return Leaderboard(version=combined(versions), top=ranked(merge(parts, limit)))

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from service import topology
+
 MAX_SCORE = 2**53 - 1
 """Largest total a Redis sorted-set score (an IEEE double) holds exactly."""
 
@@ -41,7 +43,6 @@ plus at most this window: kept far below 2^53 (the year 2255) so that lua/submit
 arithmetic stays exact and its expiry valid for any setting that passes."""
 _MIN_RSA_BITS = 2048  # RFC 7518 3.3
 _EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://localhost/score_service"
@@ -92,6 +93,11 @@ class Settings:
     access_log: bool = False
     persister_lag_degraded_s: int = 30
 
+    @property
+    def redis(self) -> topology.RedisTarget:
+        """The Redis deployment REDIS_URL names (checked by from_env)."""
+        return topology.parse(self.redis_url)
+
     @classmethod
     def for_stores(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Settings for commands that talk to Redis and Postgres but verify no token."""
@@ -120,7 +126,10 @@ class Settings:
         if jwks_url is not None:
             _check_url("SCORE_JWT_JWKS_URL", jwks_url, ("http", "https"))
         redis_url = _opt(e, "REDIS_URL") or DEFAULT_REDIS_URL
-        _check_url("REDIS_URL", redis_url, _REDIS_SCHEMES)
+        try:
+            topology.parse(redis_url)
+        except topology.BadRedisUrl as exc:
+            raise ConfigError(str(exc)) from None
         database_url = _opt(e, "DATABASE_URL") or DEFAULT_DATABASE_URL
         _check_url("DATABASE_URL", database_url, _POSTGRES_SCHEMES)
         rate_limit = e.get("SCORE_RATE_LIMIT", "10/s")

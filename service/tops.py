@@ -2,8 +2,10 @@
 
 GET /api/v1/leaderboard and the live broadcaster both build the leaderboard
 (`service.leaderboard.build`) from what `read_tops` returns: each partition's newest top
-stream entry, read in one MULTI/EXEC so that it is a snapshot of a single instant. A version
-therefore always comes with the same top-N, whichever way a client reads it.
+stream entry. The version is derived from the very entries whose rows are shown
+(`leaderboard.combined`), so a version always comes with the same top-N, whichever way a client
+reads it, with no transaction: on a Redis Cluster the partitions are in different slots, and
+one read of them all would be refused (CROSSSLOT).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ class Tops:
 
 
 async def read_tops(client: aioredis.Redis, schema: KeySchema, top_n: int) -> Tops:
-    """Every partition's newest top stream entry, read atomically.
+    """Every partition's newest top stream entry (one pipelined round trip per primary).
 
     A partition that never published (data older than the top streams) falls back to its
     ZSET with version 0-0, so that its players still show.
     """
     parts = schema.all()
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=False)
     for p in parts:
         pipe.xrevrange(p.top, count=1)
     latest: list[Any] = await pipe.execute()

@@ -28,7 +28,7 @@ from service.auth import mint
 from service.devservers import free_port, wait_for
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, encode
-from service.scripts import Status
+from service.scripts import Status, SyncScripts, prepare_submit
 from service.settings import Settings
 
 KEY = KeySchema(1).layout
@@ -348,6 +348,7 @@ def test_an_interrupted_change_refuses_everything_until_it_is_resumed(
         assert "being changed to 2" in httpx.get(early_base + "/readyz").text
         shown = cli(env, "partitions")
         assert "being changed to 2" in shown.stdout and "{p1}" in shown.stdout
+        refused(cli(env, "partitions", "set", "3"), "change to 2 partition(s) is under way")
 
         out = cli(env, "partitions", "set", "2")  # resumes
         assert out.returncode == 0, out.stderr
@@ -368,8 +369,45 @@ def test_partitions_shows_the_layout_and_each_backlog(env, r, pg) -> None:
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "partitions: 2 partition(s); recorded in Postgres and Redis"
-    assert "{p0}" in lines[2] and "{p1}" in lines[3] and len(lines) == 4
+    tags = [k.tag for k in KeySchema(2).all()]
+    assert tags[0] in lines[2] and tags[1] in lines[3] and len(lines) == 4
+    assert str(KeySchema(2).all()[0].slot) in lines[2]
     assert SECRET not in out.stdout
+
+
+def test_keys_of_the_scheme_before_are_refused_then_moved_by_partitions_set(
+    env: dict[str, str], r: redis.Redis, pg: psycopg.Connection
+) -> None:
+    # two partitions written by a version before key scheme 2 (tags {p0}, {p1}), with
+    # increments still waiting in their streams
+    two = {**env, "SCORE_PARTITIONS": "2"}
+    settings = Settings.from_env(two)
+    ids = users(6)
+    assert cli(two, "users", "add", *ids).returncode == 0
+    r.flushall()
+    old = KeySchema(2, scheme=1)
+    for user_id in ids:
+        r.zadd(old.for_user(user_id).leaderboard, {user_id: 0})
+    r.set(old.all()[0].ready, "1")
+    r.set(old.all()[1].ready, "1")
+    before = Layout(2, version=1)
+    layout.write_postgres(pg, before, replace=True)
+    layout.write_redis(r, before, replace=True)
+    scripts = SyncScripts(r)
+    for i, user_id in enumerate(ids):
+        call = prepare_submit(settings, old, user_id, i + 1, operator=True)
+        assert scripts.submit(call).status == Status.OK
+    refused(cli(two, "rebuild"), "key scheme version 1", "partitions set 2")
+
+    out = cli(two, "partitions", "set", "2")
+    assert out.returncode == 0, out.stderr
+    assert recorded(r, pg) == (Layout(2), Layout(2))
+    expected = {user_id: i + 1 for i, user_id in enumerate(ids)}
+    assert pg_scores(pg, ids) == expected
+    assert redis_totals(settings, r, ids) == expected  # under the new tags
+    gone = [k for k in old.all() if k.tag not in {n.tag for n in KeySchema(2).all()}]
+    assert [k.tag for k in gone] == ["{p0}"]  # {p1} is a tag of both schemes
+    assert not r.exists(gone[0].leaderboard, gone[0].events, gone[0].ready)
 
 
 def test_a_process_that_missed_the_change_cannot_write_astray(
@@ -385,13 +423,12 @@ def test_a_process_that_missed_the_change_cannot_write_astray(
     assert change(one, 3, say=lambda line: None) is not None
 
     # A process stalled through the change, still on one partition, makes the Lua call itself
-    # (no readiness check): it reaches a user only where the new layout has put that user.
+    # (no readiness check): the keys of its layout are fenced off and dropped (three partitions
+    # have tags of their own), so it reaches nobody.
     expected = dict.fromkeys(user_ids, 5)
     for user in user_ids:
         status = submit(one, r, user, 7).status
-        moved = KeySchema(3).for_user(user).index != 0
-        assert status is (Status.UNKNOWN_USER if moved else Status.OK), user
-        expected[user] += 0 if moved else 7
+        assert status in (Status.NOT_READY, Status.UNKNOWN_USER), user
     persister = Persister(three)
     try:
         for partition in range(3):

@@ -1,0 +1,204 @@
+"""Throwaway Redis Cluster and Redis Sentinel deployments on one machine, made of
+`redis-server` processes (devservers.RedisServer), for `score-service dev --redis cluster|
+sentinel`, the tests and the benchmark.
+
+They are built with Redis's own commands (CLUSTER MEET / ADDSLOTS / REPLICATE, SENTINEL
+MONITOR in each sentinel's file), so only `redis-server` is needed, not `redis-cli`.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from service.devservers import RedisServer, ServerError, free_port, wait_for
+from service.keys import slot_range
+
+MASTER_NAME = "score"
+"""The name the sentinels monitor the primary by (the path of the Sentinel REDIS_URL)."""
+NODE_TIMEOUT_MS = 1000
+"""Cluster node timeout and Sentinel's down-after: a dead primary is replaced within a few
+seconds (production values are larger; see the README's "Deploying")."""
+
+
+def _command(client: redis.Redis, *args: str | int) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _client(port: int) -> redis.Redis:
+    return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster: `primaries` primaries with `replicas` replicas each, the slots split in
+    equal contiguous ranges (as `redis-cli --cluster create` makes them)."""
+
+    directory: Path
+    primaries: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = NODE_TIMEOUT_MS
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> LocalCluster:
+        count = self.primaries * (1 + self.replicas)
+        for i in range(count):
+            node = RedisServer(
+                self.directory / f"node{i}",
+                port=_cluster_port(),
+                extra=[
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", str(self.node_timeout_ms),
+                ],
+            )  # fmt: skip
+            self.nodes.append(node)
+            node.start()
+        clients = [_client(n.port) for n in self.nodes]
+        try:
+            self._form(clients)
+        finally:
+            for c in clients:
+                c.close()
+        return self
+
+    def _form(self, clients: list[redis.Redis]) -> None:
+        first = self.nodes[0].port
+        for c in clients[1:]:
+            _command(c, "CLUSTER", "MEET", "127.0.0.1", first)
+        for i, c in enumerate(clients[: self.primaries]):
+            low, high = slot_range(i, self.primaries)
+            _command(c, "CLUSTER", "ADDSLOTS", *range(low, high))
+        ids = [_command(c, "CLUSTER", "MYID") for c in clients]
+
+        def everyone_met() -> bool:
+            return all(len(_nodes(c)) == len(clients) for c in clients)
+
+        wait_for(everyone_met, 30, "the cluster's nodes to meet")
+        for j, c in enumerate(clients[self.primaries :]):
+            _command(c, "CLUSTER", "REPLICATE", ids[j % self.primaries])
+
+        def formed() -> bool:
+            return all(
+                "cluster_state:ok" in _command(c, "CLUSTER", "INFO")
+                and not any("fail" in flags for flags in _nodes(c))
+                for c in clients
+            ) and all(
+                c.info("replication").get("master_link_status") == "up"
+                for c in clients[self.primaries :]
+            )
+
+        wait_for(formed, 60, "the cluster to form")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for node in self.nodes:
+            node.stop(sig)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 higher) is free too: Redis refuses a
+    cluster port above 55535."""
+    for _ in range(100):
+        port = random.randrange(20000, 55535)  # noqa: S311 - a port, not a secret
+        if all(_free(p) for p in (port, port + 10000)):
+            return port
+    raise ServerError("no free port pair for a cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _nodes(client: redis.Redis) -> list[str]:
+    """The flags of every node `client`'s node knows (CLUSTER NODES, one line each)."""
+    text: str = _command(client, "CLUSTER", "NODES")
+    return [line.split()[2] for line in text.splitlines() if line.strip()]
+
+
+@dataclass
+class LocalSentinel:
+    """One primary with `replicas` replicas, watched by `sentinels` sentinels (quorum: a
+    majority of them)."""
+
+    directory: Path
+    replicas: int = 2
+    sentinels: int = 3
+    down_after_ms: int = NODE_TIMEOUT_MS
+    servers: list[RedisServer] = field(default_factory=list)
+    """The primary first, then its replicas (as started: a failover changes who is which)."""
+    watchers: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.watchers)
+        return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
+
+    def start(self) -> LocalSentinel:
+        primary = RedisServer(self.directory / "redis0").start()
+        self.servers.append(primary)
+        for i in range(self.replicas):
+            replica = RedisServer(
+                self.directory / f"redis{i + 1}",
+                extra=["--replicaof", "127.0.0.1", str(primary.port)],
+            )
+            self.servers.append(replica.start())
+        quorum = self.sentinels // 2 + 1
+        for i in range(self.sentinels):
+            where = self.directory / f"sentinel{i}"
+            where.mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            conf = where / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\n"
+                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary.port} {quorum}\n"
+                f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {MASTER_NAME} {self.down_after_ms * 5}\n"
+                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+            )
+            watcher = RedisServer(where, port=port, extra=["--sentinel"], config=conf)
+            self.watchers.append(watcher.start())
+        clients = [_client(w.port) for w in self.watchers]
+
+        def watching() -> bool:
+            for c in clients:
+                state = _command(c, "SENTINEL", "MASTER", MASTER_NAME)
+                if isinstance(state, list):  # RESP2 without redis-py's parser: pairs
+                    state = dict(zip(state[::2], state[1::2], strict=True))
+                if int(state["num-slaves"]) < self.replicas:
+                    return False
+                if int(state["num-other-sentinels"]) < self.sentinels - 1:
+                    return False
+            return True
+
+        try:
+            wait_for(watching, 60, "the sentinels to see every replica and each other")
+        finally:
+            for c in clients:
+                c.close()
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for server in self.watchers + self.servers:
+            server.stop(sig)
+
+
+def start(kind: str, directory: Path) -> LocalCluster | LocalSentinel:
+    """`score-service dev --redis cluster|sentinel`: the deployment, started."""
+    if kind == "cluster":
+        return LocalCluster(directory).start()
+    return LocalSentinel(directory).start()
