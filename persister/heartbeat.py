@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import redis
 
-from service.persister_lag import WORKERS
+from service.persister_lag import TIME_AT_KEY, WORKERS
 
 FORGET_AFTER_MS = 3600 * 1000
 """A worker silent this long leaves the set (it only told readers that it was dead)."""
@@ -22,8 +22,8 @@ FORGET_AFTER_MS = 3600 * 1000
 
 def beat(client: redis.Redis, worker: str) -> None:
     """Record that `worker` is alive now (two round trips: Redis's time, then the beat)."""
-    seconds, micros = client.time()
-    now_ms = seconds * 1000 + micros // 1000
+    seconds, micros = client.eval(TIME_AT_KEY, 1, WORKERS)
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
     pipe = client.pipeline(transaction=False)
     pipe.zadd(WORKERS, {worker: now_ms})
     pipe.zremrangebyscore(WORKERS, "-inf", now_ms - FORGET_AFTER_MS)

@@ -20,7 +20,7 @@ import redis
 from rq import Queue
 
 from persister.flush import FLUSH_BUDGET_S, Drained, Persister
-from service.connections import sync_redis
+from service.connections import queue_redis
 from service.keys import PartitionKeys
 from service.persister_lag import read_lags_sync
 from service.settings import Settings
@@ -207,7 +207,7 @@ class FlushRequester:
     def _run(self) -> None:
         """The thread: enqueue what is wanted, for as long as the process runs, whatever fails
         (a thread that died here would leave every later request unheard)."""
-        rq_queue = Queue(QUEUE, connection=sync_redis(self._settings))
+        rq_queue = Queue(QUEUE, connection=queue_redis(self._settings))
         while True:
             wanted = {self._wanted.get()}
             while not self._wanted.empty():

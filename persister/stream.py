@@ -36,10 +36,10 @@ class EventStream:
         self.consumer = consumer
         self._scripts = SyncScripts(client)
         # The same connections, for the two reads of a batch without redis-py's reply parsing
-        # (a dict per entry): parse_raw reads the replies as they come.
-        self._raw = redis.Redis(connection_pool=client.connection_pool)
-        for command in ("XAUTOCLAIM", "XREADGROUP"):
-            self._raw.response_callbacks.pop(command, None)
+        # (a dict per entry): parse_raw reads the replies as they come. A cluster client has
+        # no pool of its own: the primary of the partition's slot is asked (_unparsed).
+        pool = getattr(client, "connection_pool", None)
+        self._raw = None if pool is None else _unparsing(pool)
 
     def ensure_group(self) -> None:
         """Create the persister's group, reading from the stream's start (idempotent)."""
@@ -84,7 +84,19 @@ class EventStream:
         return batch
 
     def _unparsed(self, *command: str | int) -> Any:
-        return self._raw.execute_command(*command)  # type: ignore[no-untyped-call]
+        if self._raw is not None:
+            return self._raw.execute_command(*command)  # type: ignore[no-untyped-call]
+        cluster: Any = self.client
+        for attempt in (1, 2):
+            node = cluster.get_node_from_key(self.keys.events)
+            try:
+                raw = _unparsing(node.redis_connection.connection_pool)
+                return raw.execute_command(*command)  # type: ignore[no-untyped-call]
+            except redis.exceptions.MovedError:  # the slot moved (nothing ran): ask again
+                if attempt == 2:
+                    raise
+                cluster.nodes_manager.initialize()
+        raise AssertionError("unreachable")
 
     def ack(self, stream_ids: Sequence[str], reclaimed: Sequence[str]) -> None:
         """Acknowledge committed entries, count them, and trim what no one needs any more.
@@ -153,3 +165,11 @@ def _entries(reply: Any) -> list[RawEntry]:
         return []
     per_stream = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
     return [entry for entries in per_stream for entry in entries]
+
+
+def _unparsing(pool: redis.ConnectionPool) -> redis.Redis:
+    """A client on `pool` that hands the batch reads' replies over as they come."""
+    raw = redis.Redis(connection_pool=pool)
+    for command in ("XAUTOCLAIM", "XREADGROUP"):
+        raw.response_callbacks.pop(command, None)
+    return raw

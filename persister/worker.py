@@ -29,7 +29,7 @@ from rq.cron import CronScheduler
 
 from persister import heartbeat, jobs, layout
 from persister.flush import BACKOFF, failed_again
-from service.connections import check_redis_sync, sync_redis
+from service.connections import check_redis_sync, queue_redis, sync_redis
 from service.persister_lag import HEARTBEAT_S
 from service.settings import Settings
 
@@ -91,7 +91,7 @@ def run(settings: Settings) -> int:
     failures = 0
     try:
         while not stop.is_set():
-            connection = sync_redis(settings)
+            connection = queue_redis(settings)
             try:
                 # RQ talks to Redis from its constructor on (CLIENT SETNAME)
                 worker = PersisterWorker(
@@ -153,7 +153,7 @@ def _enqueue_sweeps(settings: Settings, stop: threading.Event, worker: str) -> N
     heartbeat, until `stop`, whatever fails (a thread that died here would leave events
     waiting until a request asks for a flush)."""
     client = sync_redis(settings)
-    cron = CronScheduler(connection=client, logging_level="WARNING")
+    cron = CronScheduler(connection=queue_redis(settings), logging_level="WARNING")
     cron.register(
         jobs.sweep,
         jobs.QUEUE,

@@ -164,7 +164,10 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
                 ctx.ready, ctx.not_ready_reason = True, ""
             elif adopt:
                 await ctx.redis.set(schema.layout, encode(layout_of(ctx.settings)), nx=True)
-                await ctx.redis.mset(dict.fromkeys(schema.ready_markers, "1"))
+                pipe = ctx.redis.pipeline(transaction=False)  # one key each: a cluster's slots
+                for marker in schema.ready_markers:
+                    pipe.set(marker, "1")
+                await pipe.execute()
                 adopt = False
                 continue
             elif rebuild is None:

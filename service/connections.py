@@ -133,6 +133,19 @@ def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
     return client
 
 
+def queue_redis(settings: Settings, **overrides: Any) -> redis.Redis:
+    """A blocking client to the Redis of the persister's RQ job queue (SCORE_QUEUE_URL, by
+    default REDIS_URL's deployment; never a cluster: RQ's commands span keys of many slots)."""
+    options: dict[str, Any] = {
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 2.0,
+        "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
+        "health_check_interval": 0,
+    }
+    client: redis.Redis = topology.sync_client(settings.queue_redis, **(options | overrides))
+    return client
+
+
 # A read sent again after a broken connection: after a failover, the first use of a pooled
 # connection fails and a fresh one succeeds. Timeouts are not retried: a hung Redis costs
 # one socket timeout, not two.

@@ -52,8 +52,13 @@ class Lag:
         return self.pending + self.undelivered
 
 
+# TIME of the primary that holds `KEYS[1]`: a keyless TIME cannot go in a Redis Cluster
+# pipeline, and ages are measured on the clock that made the stream ids.
+TIME_AT_KEY = "return redis.call('TIME')"
+
+
 def _queue_reads(pipe: Any, keys: PartitionKeys) -> None:
-    pipe.time()
+    pipe.execute_command("EVAL", TIME_AT_KEY, 1, keys.events)
     pipe.xlen(keys.events)
     pipe.xinfo_groups(keys.events)
     pipe.xpending(keys.events, PERSISTER_GROUP)
@@ -96,7 +101,7 @@ class _Reads:
 
 def _parse(results: list[Any]) -> _Reads:
     (seconds, micros), length, groups, summary, stats = results
-    now_s = seconds + micros / 1e6
+    now_s = int(seconds) + int(micros) / 1e6
     group = None if isinstance(groups, Exception) else _persister_group(groups)
     if group is None:  # no persister has read this stream yet: every entry waits
         return _Reads(now_s, 0, int(length), int(length), None, "-" if length else None, stats)
@@ -174,10 +179,10 @@ async def live_workers(client: aioredis.Redis) -> list[str]:
     """The persister workers (`host:pid`) whose heartbeat is fresh, by Redis's clock: one
     round trip."""
     pipe = client.pipeline(transaction=False)
-    pipe.time()
+    pipe.eval(TIME_AT_KEY, 1, WORKERS)
     pipe.zrange(WORKERS, 0, -1, withscores=True)
     (seconds, micros), beats = await pipe.execute()
-    oldest_ms = (seconds + micros / 1e6 - HEARTBEAT_FRESH_S) * 1000
+    oldest_ms = (int(seconds) + int(micros) / 1e6 - HEARTBEAT_FRESH_S) * 1000
     return [_text(worker) for worker, at_ms in beats if at_ms >= oldest_ms]
 
 

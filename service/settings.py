@@ -57,6 +57,8 @@ class Settings:
     """The service's configuration; build it with `Settings.from_env()`, which validates."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    queue_url: str | None = None
+    """SCORE_QUEUE_URL: the Redis of the persister's RQ job queue; None: REDIS_URL's."""
     database_url: str = DEFAULT_DATABASE_URL
     jwt_secret: str | None = None
     jwt_public_key: bytes | None = None
@@ -98,6 +100,11 @@ class Settings:
         """The Redis deployment REDIS_URL names (checked by from_env)."""
         return topology.parse(self.redis_url)
 
+    @property
+    def queue_redis(self) -> topology.RedisTarget:
+        """The Redis of the persister's RQ job queue (checked by from_env: never a cluster)."""
+        return topology.parse(self.queue_url or self.redis_url)
+
     @classmethod
     def for_stores(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Settings for commands that talk to Redis and Postgres but verify no token."""
@@ -126,10 +133,8 @@ class Settings:
         if jwks_url is not None:
             _check_url("SCORE_JWT_JWKS_URL", jwks_url, ("http", "https"))
         redis_url = _opt(e, "REDIS_URL") or DEFAULT_REDIS_URL
-        try:
-            topology.parse(redis_url)
-        except topology.BadRedisUrl as exc:
-            raise ConfigError(str(exc)) from None
+        queue_url = _opt(e, "SCORE_QUEUE_URL")
+        _check_redis_urls(redis_url, queue_url)
         database_url = _opt(e, "DATABASE_URL") or DEFAULT_DATABASE_URL
         _check_url("DATABASE_URL", database_url, _POSTGRES_SCHEMES)
         rate_limit = e.get("SCORE_RATE_LIMIT", "10/s")
@@ -143,6 +148,7 @@ class Settings:
         origins = _origins(e)
         return cls(
             redis_url=redis_url,
+            queue_url=queue_url,
             database_url=database_url,
             jwt_secret=secret,
             jwt_public_key=public_key,
@@ -284,6 +290,22 @@ def _read_key(env: Mapping[str, str], name: str, *, private: bool) -> bytes | No
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{name}: {path} is not a usable {kind} key in PEM: {message}") from None
     return data
+
+
+def _check_redis_urls(redis_url: str, queue_url: str | None) -> None:
+    try:
+        queue = data = topology.parse(redis_url)
+        if queue_url:
+            queue = topology.parse(queue_url, "SCORE_QUEUE_URL")
+    except topology.BadRedisUrl as exc:
+        raise ConfigError(str(exc)) from None
+    if queue.kind == "cluster":
+        where = "SCORE_QUEUE_URL is" if queue is not data else "REDIS_URL is"
+        raise ConfigError(
+            f"{where} a Redis Cluster, where the persister's job queue (RQ) cannot live: set "
+            "SCORE_QUEUE_URL to a single Redis server or a Sentinel deployment for it (it "
+            "holds only flush requests: losing it loses no increment)"
+        )
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:

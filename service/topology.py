@@ -78,8 +78,16 @@ class RedisTarget:
 
 
 @cache
-def parse(url: str) -> RedisTarget:
-    """The deployment REDIS_URL names (BadRedisUrl when it names none)."""
+def parse(url: str, name: str = "REDIS_URL") -> RedisTarget:
+    """The deployment a Redis URL names (BadRedisUrl when it names none); `name` is the
+    variable it comes from, for the message."""
+    try:
+        return _parse(url)
+    except BadRedisUrl as exc:
+        raise BadRedisUrl(str(exc).replace("REDIS_URL", name)) from None
+
+
+def _parse(url: str) -> RedisTarget:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise BadRedisUrl(
