@@ -27,11 +27,22 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 import redis.exceptions
+from prometheus_client import Counter
 from redis._parsers.base import BaseParser
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 16
+_ASKING = hiredis.pack_command(("ASKING",))
+REDIRECTS = Counter(
+    "score_redis_redirects",
+    "Hot-path calls sent again after a Redis Cluster's MOVED, ASK or TRYAGAIN (none ran them)",
+    ["reply"],
+)
+MAX_REDIRECTS = 5
+"""A call follows at most this many MOVED/ASK/TRYAGAIN replies (none of which ran it)."""
 LOOK_AGAIN_S = 0.02
 # redis-py's connections over asyncio streams (`_reader`, `_writer`), one per URL scheme
 _STREAM_CONNECTIONS = (
@@ -44,7 +55,9 @@ _STREAM_CONNECTIONS = (
 class AutoPipeline:
     """Batches the calls of the coroutines of one event loop onto one Redis connection."""
 
-    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+    def __init__(self, client: Any, timeout: float) -> None:
+        """`client`: anything with a `connection_pool` that lends redis-py asyncio
+        connections (a Redis client; a cluster node's, see _NodeClient)."""
         self._pool = client.connection_pool
         self._timeout = timeout
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []  # not yet written
@@ -57,25 +70,31 @@ class AutoPipeline:
         self._last_reply = 0.0  # loop time of the last data read from Redis
         self._looked_again = False
         self._looked_at = 0.0
+        self.node: Any = None  # the cluster node it serves (ClusterAutoPipeline)
 
     @classmethod
     def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
         """An AutoPipeline over `client`, or None when it cannot work with it (a fake, or a
         connection class of another library): use the client directly.
 
-        TCP, TLS and Unix sockets alike: the pool opens the connection (with its TLS
-        handshake, AUTH and SELECT), and every scheme speaks through asyncio streams."""
+        TCP, TLS and Unix sockets alike, and Sentinel's pool (which connects to the primary
+        the sentinels name): the pool opens the connection (with its TLS handshake, AUTH and
+        SELECT), and every scheme speaks through asyncio streams."""
         pool = getattr(client, "connection_pool", None)
-        if type(client) is not aioredis.Redis or type(pool) is not aioredis.ConnectionPool:
+        if type(client) is not aioredis.Redis or not isinstance(pool, aioredis.ConnectionPool):
             return None
         if not issubclass(pool.connection_class, _STREAM_CONNECTIONS):
             return None
         return cls(client, timeout)
 
-    async def execute(self, *args: str | bytes | int | float) -> Any:
-        """Run one command; its reply, or the exception its error reply maps to."""
+    async def execute(self, *args: str | bytes | int | float, asking: bool = False) -> Any:
+        """Run one command; its reply, or the exception its error reply maps to.
+
+        `asking`: preceded by ASKING, in the same write (a cluster's slot being migrated)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if asking:  # its reply ("OK") goes to a future nobody waits for
+            self._queued.append((_ASKING, loop.create_future()))
         self._queued.append((hiredis.pack_command(args), future))  # type: ignore[arg-type]
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -101,7 +120,7 @@ class AutoPipeline:
 
     async def _connect(self) -> None:
         try:
-            conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            conn = await self._pool.get_connection()
         except Exception as exc:  # every queued call gets the reason
             self._connecting = None
             if not isinstance(exc, redis.exceptions.RedisError):
@@ -124,6 +143,7 @@ class AutoPipeline:
         parser = hiredis.Reader(replyError=redis.exceptions.ResponseError)
         waiting = self._waiting
         error: Exception = redis.exceptions.ConnectionError("Redis closed the connection")
+        demoted = False
         try:
             while True:
                 data = await stream.read(READ_CHUNK)
@@ -136,9 +156,16 @@ class AutoPipeline:
                     if future.done():  # timed out meanwhile
                         continue
                     if isinstance(reply, redis.exceptions.ResponseError):
-                        future.set_exception(_error(str(reply)))
+                        refused = _error(str(reply))
+                        future.set_exception(refused)
+                        demoted = demoted or isinstance(refused, redis.exceptions.ReadOnlyError)
                     else:
                         future.set_result(reply)
+                if demoted:
+                    # A primary demoted by a failover answers READONLY (nothing ran): drop the
+                    # connection, and a new one asks the sentinels for the new primary.
+                    error = redis.exceptions.ConnectionError("this Redis is a replica now")
+                    break
         except (OSError, hiredis.ProtocolError, IndexError) as exc:
             error = redis.exceptions.ConnectionError(f"Error while reading from Redis: {exc!r}")
         finally:
@@ -209,3 +236,86 @@ def _error(message: str) -> Exception:
 def _copy(error: Exception) -> Exception:
     """A fresh exception per call: one raised instance must not collect every call's traceback."""
     return type(error)(*error.args)
+
+
+class ClusterAutoPipeline:
+    """One AutoPipeline per primary of a Redis Cluster: a call goes to the primary that holds
+    its first key's slot, in that primary's batch.
+
+    MOVED (the slot has moved: the slot map is read again), ASK (the key is being migrated:
+    ASKING then the call, at the node named) and TRYAGAIN (a migration under way) are
+    followed: each says the call did not run, so sending it again is safe. Every other
+    failure is the AutoPipeline's own: sent once, never again.
+    """
+
+    def __init__(self, client: Any, timeout: float) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._pipelines: dict[str, AutoPipeline] = {}
+
+    async def execute(self, *args: str | bytes | int | float) -> Any:
+        """Run one EVAL or EVALSHA with at least one key (its first key, args[3], routes it)."""
+        if args[0] not in ("EVAL", "EVALSHA") or not int(args[2]):
+            raise ValueError("ClusterAutoPipeline runs EVAL/EVALSHA calls with keys only")
+        slot = key_slot(str(args[3]).encode())
+        asking_at: str | None = None
+        for _ in range(MAX_REDIRECTS):
+            nodes = self._client.nodes_manager
+            if not nodes.slots_cache:
+                await self._client.initialize()
+            node = nodes.get_node(node_name=asking_at) if asking_at else None
+            if node is None:
+                node = nodes.get_node_from_slot(slot)
+            try:
+                return await self._for(node).execute(*args, asking=asking_at is not None)
+            except redis.exceptions.MovedError:
+                REDIRECTS.labels("moved").inc()
+                await nodes.initialize()
+                asking_at = None
+            except redis.exceptions.AskError as exc:
+                REDIRECTS.labels("ask").inc()
+                asking_at = f"{exc.host}:{exc.port}"
+                if nodes.get_node(node_name=asking_at) is None:
+                    await nodes.initialize()
+            except redis.exceptions.TryAgainError:
+                REDIRECTS.labels("tryagain").inc()
+                await asyncio.sleep(LOOK_AGAIN_S)
+                asking_at = None
+        raise redis.exceptions.ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    def _for(self, node: Any) -> AutoPipeline:
+        pipeline = self._pipelines.get(node.name)
+        if pipeline is None or pipeline.node is not node:
+            pipeline = AutoPipeline(_NodeClient(node), self._timeout)
+            pipeline.node = node
+            self._pipelines[node.name] = pipeline
+        return pipeline
+
+
+class _NodeClient:
+    """A cluster node's connections, in the shape AutoPipeline borrows them in."""
+
+    def __init__(self, node: Any) -> None:
+        self.connection_pool = self
+        self._node = node
+
+    async def get_connection(self) -> Any:
+        conn = self._node.acquire_connection()
+        if not conn.is_connected:
+            try:
+                await conn.connect()
+            except BaseException:
+                self._node.release(conn)
+                raise
+        return conn
+
+    async def release(self, conn: Any) -> None:
+        self._node.release(conn)
+
+
+def auto_pipeline(client: Any, timeout: float) -> AutoPipeline | ClusterAutoPipeline | None:
+    """The auto-pipeline for `client` (one server, Sentinel or Cluster); None for a client
+    it cannot work with (a fake)."""
+    if isinstance(client, RedisCluster):
+        return ClusterAutoPipeline(client, timeout)
+    return AutoPipeline.for_client(client, timeout)

@@ -104,6 +104,34 @@ class LocalCluster:
         for node in self.nodes:
             node.stop(sig)
 
+    def owner(self, slot: int) -> RedisServer:
+        """The primary that serves `slot` now."""
+        with _client(self.nodes[0].port) as c:
+            for low, high, primary, *_ in _command(c, "CLUSTER", "SLOTS"):
+                if low <= slot <= high:
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise ServerError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, to: RedisServer) -> int:
+        """Reshard `slot` to the primary `to` while clients go on (the steps `redis-cli
+        --cluster reshard` takes: IMPORTING, MIGRATING, MIGRATE in batches, then NODE on
+        every primary); the number of keys moved."""
+        source = self.owner(slot)
+        with _client(source.port) as src, _client(to.port) as dst:
+            src_id, dst_id = _command(src, "CLUSTER", "MYID"), _command(dst, "CLUSTER", "MYID")
+            _command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            _command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while keys := _command(src, "CLUSTER", "GETKEYSINSLOT", slot, 100):
+                _command(src, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+            for node in self.nodes:
+                with _client(node.port) as c:
+                    if c.info("replication")["role"] == "master":
+                        _command(c, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (10,000 higher) is free too: Redis refuses a

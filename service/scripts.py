@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from service.batching import AutoPipeline
+from service.batching import auto_pipeline
 from service.connections import SOCKET_TIMEOUT_S
 from service.keys import KeySchema, PartitionKeys, stored_idempotency_key
 from service.settings import MAX_SCORE, Settings
@@ -165,7 +165,7 @@ class Scripts:
         self._publish = _Registered("publish_top", client)
         self._provision = _Registered("provision_users", client)
         # The submits of all concurrent requests share one round trip (service/batching.py).
-        self._pipeline = AutoPipeline.for_client(client, SOCKET_TIMEOUT_S)
+        self._pipeline = auto_pipeline(client, SOCKET_TIMEOUT_S)
 
     async def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart). Sent

@@ -1,0 +1,176 @@
+"""The whole service on a real Redis Cluster (3 primaries, 3 replicas) and a real Sentinel
+deployment (1 primary, 2 replicas, 3 sentinels), started by the suite: serve, worker and every
+command, with three partitions, checked against a client-side ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+from conftest import ROOT, Servers, make_env, start_service, stop_process
+from live_support import connect, order, recv_frame
+from persist_support import cli
+
+from service.auth import mint
+from service.devservers import RedisServer, wait_for
+from service.devtopologies import LocalCluster, LocalSentinel
+from service.keys import KeySchema
+from service.settings import Settings
+
+Deployment = LocalCluster | LocalSentinel
+PARTITIONS = 3
+
+
+@pytest.fixture(scope="module", params=["cluster", "sentinel"])
+def deployment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
+    where = tmp_path_factory.mktemp(request.param)
+    kind = LocalCluster if request.param == "cluster" else LocalSentinel
+    started: Deployment = kind(where).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The RQ queue's Redis of a cluster deployment (RQ cannot use a cluster)."""
+    server = RedisServer(tmp_path_factory.mktemp("queue")).start()
+    yield server
+    server.stop()
+
+
+def primaries(deployment: Deployment) -> list[int]:
+    """The ports of the deployment's primaries, now."""
+    ports = []
+    for node in deployment.nodes if isinstance(deployment, LocalCluster) else deployment.servers:
+        with redis.Redis(port=node.port, decode_responses=True) as c:
+            if c.info("replication")["role"] == "master":
+                ports.append(node.port)
+    return ports
+
+
+@pytest.fixture
+def topo_env(deployment: Deployment, queue_server: RedisServer, servers: Servers) -> dict[str, str]:
+    """Clean stores, and the environment of a process of this deployment."""
+    for port in primaries(deployment):
+        with redis.Redis(port=port) as c:
+            c.flushall()
+    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")
+    extra = {"SCORE_QUEUE_URL": queue_server.url} if isinstance(deployment, LocalCluster) else {}
+    return make_env(servers, REDIS_URL=deployment.url, SCORE_PARTITIONS=str(PARTITIONS), **extra)
+
+
+def pg_scores(servers: Servers) -> dict[str, int]:
+    with psycopg.connect(servers.postgres.url) as conn:
+        rows = conn.execute("SELECT user_id, score FROM users").fetchall()
+    return {str(user): int(str(score)) for user, score in rows}
+
+
+def test_every_part_works_and_the_totals_add_up(
+    deployment: Deployment, topo_env: dict[str, str], servers: Servers, tmp_path: Path
+) -> None:
+    settings = Settings.from_env(topo_env)
+    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(24)]
+    assert {KeySchema(PARTITIONS).for_user(u).index for u in users} == {0, 1, 2}
+    out = cli(topo_env, "users", "add", *users)
+    assert out.returncode == 0, out.stderr
+    svc = start_service(topo_env, tmp_path / "serve.log")
+    worker = cli_process(topo_env, tmp_path / "worker.log")
+    ledger: Counter[str] = Counter()
+    lock = threading.Lock()
+    try:
+        asyncio.run(_watch_a_change(svc.base, settings, users[0]))
+        ledger[users[0]] += 1
+
+        def player(mine: list[str]) -> None:
+            with httpx.Client(base_url=svc.base, timeout=10) as http:
+                for i in range(40):
+                    user = mine[i % len(mine)]
+                    resp = http.post(
+                        "/api/v1/score",
+                        json={"user_id": user, "score_increase": i + 1},
+                        headers={"Authorization": f"Bearer {mint(settings, user)}"},
+                    )
+                    assert resp.status_code == 200, resp.text
+                    with lock:
+                        ledger[user] += i + 1
+
+        threads = [threading.Thread(target=player, args=(users[k::4],)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        # reads across partitions: the global top-N and exact ranks
+        board = httpx.get(svc.base + "/api/v1/leaderboard?limit=10").json()
+        best = sorted(ledger.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+        assert [(e["user_id"], e["score"]) for e in board["top"]] == best
+        for user in users[:6]:
+            body = httpx.get(f"{svc.base}/api/v1/users/{user}").json()
+            assert body["score"] == ledger[user]
+            assert body["rank"] == 1 + sum(1 for s in ledger.values() if s > ledger[user])
+        assert httpx.get(svc.base + "/readyz").status_code == 200
+        metrics = httpx.get(svc.base + "/metrics").text
+        assert 'score_persister_unpersisted_events{partition="2"}' in metrics
+
+        # the worker drains every partition: Postgres equals the ledger
+        wait_for(lambda: pg_scores(servers) == {u: ledger[u] for u in users}, 30, "the drain")
+        for command in (["reconcile"], ["rebuild"], ["reconcile"]):
+            out = cli(topo_env, *command)
+            assert out.returncode == 0, (command, out.stdout, out.stderr)
+        assert httpx.get(f"{svc.base}/api/v1/users/{users[1]}").json()["score"] == ledger[users[1]]
+        shown = cli(topo_env, "partitions")
+        assert shown.returncode == 0, shown.stderr
+        if isinstance(deployment, LocalCluster):  # three partitions on three primaries
+            rows = shown.stdout.splitlines()[2:]
+            assert len({row.split()[-1] for row in rows}) == PARTITIONS, shown.stdout
+    finally:
+        stop_process(svc.process)
+        stop_process(worker)
+
+
+async def _watch_a_change(base: str, settings: Settings, user: str) -> None:
+    """A live client gets the snapshot, then a frame with a newer version once `user` scores."""
+    async with connect(base) as ws:
+        first = await recv_frame(ws)
+        async with httpx.AsyncClient(base_url=base) as http:
+            resp = await http.post(
+                "/api/v1/score",
+                json={"user_id": user, "score_increase": 1},
+                headers={"Authorization": f"Bearer {mint(settings, user)}"},
+            )
+            assert resp.status_code == 200, resp.text
+        frame = await recv_frame(ws)
+        while not any(e["user_id"] == user and e["score"] == 1 for e in frame["top"]):
+            frame = await recv_frame(ws)
+        assert order(frame["version"]) > order(first["version"]), (first, frame)
+
+
+def cli_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`score-service worker` as a real process."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+
+
+def test_a_cluster_cannot_hold_the_job_queue(servers: Servers) -> None:
+    env = make_env(servers, REDIS_URL="redis+cluster://127.0.0.1:1")
+    out = cli(env, "worker", "--check")
+    assert out.returncode == 2 and "SCORE_QUEUE_URL" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
