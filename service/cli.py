@@ -271,7 +271,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from service.dev import run_dev
 
-    return run_dev(Path(args.data), port=args.port, demo=args.demo)
+    return run_dev(Path(args.data), port=args.port, demo=args.demo, redis_kind=args.redis)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -282,6 +282,13 @@ def parser() -> argparse.ArgumentParser:
     dev.add_argument("--demo", action="store_true", help="also play simulated traffic")
     dev.add_argument("--port", type=int, default=8000, help="HTTP port (another if taken)")
     dev.add_argument("--data", default=".data", help="where the dev servers keep their data")
+    dev.add_argument(
+        "--redis",
+        choices=("server", "sentinel", "cluster"),
+        default="server",
+        help="the Redis to start when REDIS_URL is unset: one server (default), Sentinel "
+        "(1 primary, 2 replicas, 3 sentinels) or Cluster (3 primaries, 3 replicas)",
+    )
     dev.set_defaults(func=cmd_dev)
 
     serve = sub.add_parser("serve", help="the HTTP and WebSocket service")

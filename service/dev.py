@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.devservers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
+from service.devtopologies import LocalCluster, LocalSentinel
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
               "judy", "mallory", "niaj", "olivia", "peggy", "rupert", "sybil"]  # fmt: skip
@@ -78,9 +80,25 @@ def _lock(data: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _servers(data: Path, env: dict[str, str]) -> Iterator[None]:
-    started: list[RedisServer | PostgresServer] = []
+def _servers(data: Path, env: dict[str, str], redis_kind: str) -> Iterator[None]:
+    started: list[RedisServer | PostgresServer | LocalCluster | LocalSentinel] = []
     try:
+        if not env.get("REDIS_URL") and redis_kind != "server":
+            where = data / f"redis-{redis_kind}"
+            print(f"starting a Redis {redis_kind.title()} under", where, flush=True)
+            # A fresh one each time: the service rebuilds it from Postgres, which keeps the data
+            for leftover in where.glob("*/redis.pid"):
+                RedisServer(leftover.parent).stop_leftover()
+            shutil.rmtree(where, ignore_errors=True)
+            deployment = LocalCluster(where) if redis_kind == "cluster" else LocalSentinel(where)
+            started.append(deployment)
+            env["REDIS_URL"] = deployment.start().url
+            print(f"REDIS_URL={env['REDIS_URL']}", flush=True)
+            if redis_kind == "cluster" and not env.get("SCORE_QUEUE_URL"):
+                queue = RedisServer(data / "redis-queue")  # RQ's queue cannot live on a cluster
+                queue.stop_leftover()
+                started.append(queue)
+                env["SCORE_QUEUE_URL"] = queue.start().url
         if not env.get("REDIS_URL"):
             print("starting Redis under", data / "redis", flush=True)
             r = RedisServer(data / "redis")
@@ -130,7 +148,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_dev(data: Path, *, port: int, demo: bool) -> int:
+def run_dev(data: Path, *, port: int, demo: bool, redis_kind: str = "server") -> int:
     data = data.resolve()
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -144,7 +162,7 @@ def run_dev(data: Path, *, port: int, demo: bool) -> int:
     # stop as cleanly as on Ctrl-C: a process manager's SIGTERM, a closed terminal's SIGHUP
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
-    with _lock(data), _servers(data, env):
+    with _lock(data), _servers(data, env, redis_kind):
         try:
             print(_cli(env, "migrate"), flush=True)
             print(_cli(env, "users", "add", *DEMO_USERS), flush=True)

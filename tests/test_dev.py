@@ -66,7 +66,7 @@ class Dev:
         return self.log.read_text(errors="replace")
 
 
-def start_dev(data: Path, port: int) -> Dev:
+def start_dev(data: Path, port: int, *args: str) -> Dev:
     """`score-service dev --port PORT` on `data`, ready when it prints its URL on that port."""
     env = {
         k: v
@@ -76,7 +76,8 @@ def start_dev(data: Path, port: int) -> Dev:
     log = data.parent / f"dev-{len(list(data.parent.glob('dev-*.log')))}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "dev", "--data", str(data), "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "dev", "--data", str(data), "--port", str(port),
+             *args],
             env=env, cwd=data.parent, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # as from a terminal of its own
         )  # fmt: skip
@@ -140,6 +141,21 @@ def test_dev_stops_everything_it_started_and_starts_again_on_its_port(
     runs.append(again)
     end(again, signal.SIGINT)
     assert "stopping" in again.output
+
+
+@pytest.mark.parametrize("kind", ["sentinel", "cluster"])
+def test_dev_starts_a_local_sentinel_or_cluster_and_stops_it(
+    tmp_path: Path, port: int, runs: list[Dev], kind: str
+) -> None:
+    dev = start_dev(tmp_path / ".data", port, "--redis", kind)
+    runs.append(dev)
+    scheme = f"REDIS_URL=redis+{kind}://127.0.0.1:"
+    assert scheme in dev.output, dev.output[-3000:]
+    started = descendants(dev.process.pid)
+    servers = [p for p, _ in alive(started) if "redis" in Path(f"/proc/{p}/comm").read_text()]
+    # sentinel: a primary, 2 replicas and 3 sentinels; cluster: 6 nodes and the job queue's
+    assert len(servers) >= (6 if kind == "sentinel" else 7), dev.output[-3000:]
+    end(dev, signal.SIGINT)
 
 
 def test_dev_starts_over_a_stale_pid_file(data: Path, port: int, runs: list[Dev]) -> None:
