@@ -85,7 +85,7 @@ class Persister:
         """The partitions it drains (`partitions set` gives those of two layouts at once)."""
         self.redis = sync_redis(settings)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
-        self.store = Store(settings.database_url)
+        self.store = Store(settings.database_url, settings.idempotency_ttl_s)
         self._failures = 0
         self.stopping = threading.Event()
         """Set when the worker is asked to stop (SIGTERM): a flush persists the batches it has

@@ -79,6 +79,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE score_layout ADD COLUMN IF NOT EXISTS changing_from_version int;
     """,
+    # A keyed increment sent again after a failover lost its first attempt from Redis (the
+    # first had reached Postgres already) is the same event under a new id: the persister
+    # looks its key up (persister.store) and counts it once.
+    """
+    CREATE INDEX IF NOT EXISTS score_events_user_keys ON score_events (user_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).

@@ -4,6 +4,11 @@ One statement per batch: insert the events into the ledger (`score_events`, even
 with the Idempotency-Key and the resulting total of a keyed increment) with ON CONFLICT DO
 NOTHING, and add to `users.score` only the deltas of the rows actually inserted. Applying a
 batch twice, or batches out of order, changes nothing more.
+
+A keyed event whose key the ledger already holds for that user, from less than the key's
+lifetime (SCORE_IDEMPOTENCY_TTL) earlier, is the same increment sent again: a failover lost the
+first attempt from Redis after the persister had read it, and the client's retry made a new
+event there. It is not inserted. A key used again after its lifetime is a new increment.
 """
 
 from __future__ import annotations
@@ -35,7 +40,14 @@ WITH batch AS (
         AS b(stream_id, event_id, user_id, delta, idempotency_key, total)
 ), inserted AS (
     INSERT INTO score_events (event_id, user_id, delta, stream_id, idempotency_key, total)
-    SELECT event_id, user_id, delta, stream_id, idempotency_key, total FROM batch
+    SELECT event_id, user_id, delta, stream_id, idempotency_key, total FROM batch AS b
+    WHERE b.idempotency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM score_events AS e
+        WHERE e.user_id = b.user_id AND e.idempotency_key = b.idempotency_key
+          AND e.event_id <> b.event_id
+          AND split_part(e.stream_id, '-', 1)::bigint
+              > split_part(b.stream_id, '-', 1)::bigint - %b::bigint
+    )
     ORDER BY user_id
     ON CONFLICT (event_id) DO NOTHING
     RETURNING user_id, delta
@@ -57,17 +69,18 @@ the foreign key checks, the ledger's user index and the updates then walk the in
 Conn = psycopg.Connection[tuple[object, ...]]
 
 
-def _apply(conn: Conn, events: Sequence[Event]) -> int:
-    columns = [list(column) for column in zip(*events, strict=True)]
-    row = conn.execute(APPLY, columns).fetchone()
+def _apply(conn: Conn, events: Sequence[Event], key_ttl_ms: int) -> int:
+    columns: list[object] = [list(column) for column in zip(*events, strict=True)]
+    row = conn.execute(APPLY, [*columns, key_ttl_ms]).fetchone()
     return int(row[0]) if row else 0  # type: ignore[call-overload]
 
 
 class Store:
     """A Postgres connection, opened on first use and again after it breaks."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, idempotency_ttl_s: int = 86_400) -> None:
         self._url = database_url
+        self._key_ttl_ms = idempotency_ttl_s * 1000
         self._conn: Conn | None = None
 
     def connection(self) -> Conn:
@@ -98,7 +111,7 @@ class Store:
         conn = self.connection()
         try:
             with conn.transaction():
-                inserted = _apply(conn, events)
+                inserted = _apply(conn, events, self._key_ttl_ms)
                 faults.point("before-commit")
             return inserted, []
         except REFUSED as exc:
@@ -114,7 +127,7 @@ class Store:
             for event in events:
                 try:
                     with conn.transaction():  # a savepoint
-                        inserted += _apply(conn, [event])
+                        inserted += _apply(conn, [event], self._key_ttl_ms)
                 except REFUSED as exc:
                     refused.append((event, exc))
             faults.point("before-commit")

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from service.admin import post_scores, post_users
 from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
+from service.batching import Replication
 from service.broadcast import Broadcaster
 from service.concurrency import ConcurrencyLimit
 from service.connections import async_redis, check_redis
@@ -73,7 +74,9 @@ def create_app(
             settings=settings,
             schema=KeySchema(settings.partitions),
             redis=client,
-            scripts=Scripts(client),
+            scripts=Scripts(
+                client, Replication(settings.redis_min_replicas, settings.redis_wait_ms)
+            ),
             auth=Authenticator(settings),
             pg=pg,
             request_flush=request_flush,

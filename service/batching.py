@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
@@ -52,14 +53,35 @@ _STREAM_CONNECTIONS = (
 )
 
 
+class NotReplicated(redis.exceptions.RedisError):
+    """WAIT did not see the call's batch on enough replicas in time: it ran on the primary,
+    and a failover now could lose it. The client is told so (503): its retry with the same
+    Idempotency-Key is safe."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replication:
+    """SCORE_REDIS_MIN_REPLICAS and SCORE_REDIS_WAIT_MS: a batch's replies are given only
+    once `WAIT replicas wait_ms` confirms them (replicas 0: at once, no WAIT)."""
+
+    replicas: int = 0
+    wait_ms: int = 500
+
+
+NO_WAIT = Replication()
+"""Replies are given as they come (SCORE_REDIS_MIN_REPLICAS=0)."""
+
+
 class AutoPipeline:
     """Batches the calls of the coroutines of one event loop onto one Redis connection."""
 
-    def __init__(self, client: Any, timeout: float) -> None:
+    def __init__(self, client: Any, timeout: float, replication: Replication = NO_WAIT) -> None:
         """`client`: anything with a `connection_pool` that lends redis-py asyncio
         connections (a Redis client; a cluster node's, see _NodeClient)."""
         self._pool = client.connection_pool
-        self._timeout = timeout
+        self._replication = replication
+        # WAIT answers after up to wait_ms: the deadline of a call grows by as much
+        self._timeout = timeout + (replication.wait_ms / 1000 if replication.replicas else 0)
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []  # not yet written
         self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         self._conn: Any = None  # the borrowed redis.asyncio.Connection
@@ -73,7 +95,9 @@ class AutoPipeline:
         self.node: Any = None  # the cluster node it serves (ClusterAutoPipeline)
 
     @classmethod
-    def for_client(cls, client: Any, timeout: float) -> AutoPipeline | None:
+    def for_client(
+        cls, client: Any, timeout: float, replication: Replication = NO_WAIT
+    ) -> AutoPipeline | None:
         """An AutoPipeline over `client`, or None when it cannot work with it (a fake, or a
         connection class of another library): use the client directly.
 
@@ -85,7 +109,7 @@ class AutoPipeline:
             return None
         if not issubclass(pool.connection_class, _STREAM_CONNECTIONS):
             return None
-        return cls(client, timeout)
+        return cls(client, timeout, replication)
 
     async def execute(self, *args: str | bytes | int | float, asking: bool = False) -> Any:
         """Run one command; its reply, or the exception its error reply maps to.
@@ -111,6 +135,8 @@ class AutoPipeline:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return
         batch, self._queued = self._queued, []
+        if self._replication.replicas:
+            batch = _confirmed(batch, self._replication)
         writer.write(b"".join(packed for packed, _ in batch))
         loop = asyncio.get_running_loop()
         written = loop.time()
@@ -227,6 +253,40 @@ class AutoPipeline:
                 future.set_exception(_copy(error))
 
 
+def _confirmed(
+    batch: list[tuple[bytes, asyncio.Future[Any]]], replication: Replication
+) -> list[tuple[bytes, asyncio.Future[Any]]]:
+    """`batch` followed by its WAIT: each call's reply goes to a stand-in, and reaches the
+    caller only once WAIT has answered (replies come in order: WAIT's is last)."""
+    loop = asyncio.get_running_loop()
+    held = [(packed, loop.create_future(), caller) for packed, caller in batch]
+    wait: asyncio.Future[Any] = loop.create_future()
+    n, ms = replication.replicas, replication.wait_ms
+
+    def settle(done: asyncio.Future[Any]) -> None:
+        acked = None if done.exception() else int(done.result())
+        for _, stand_in, caller in held:
+            if caller.done():
+                continue
+            if stand_in.exception() is not None:  # refused, or lost: as it is
+                caller.set_exception(_copy(stand_in.exception()))  # type: ignore[arg-type]
+            elif acked is None:
+                caller.set_exception(
+                    redis.exceptions.ConnectionError("the connection broke before WAIT answered")
+                )
+            elif acked < n:
+                caller.set_exception(
+                    NotReplicated(f"confirmed by {acked} of {n} replica(s) within {ms} ms")
+                )
+            else:
+                caller.set_result(stand_in.result())
+
+    wait.add_done_callback(settle)
+    return [(packed, stand_in) for packed, stand_in, _ in held] + [
+        (hiredis.pack_command(("WAIT", n, ms)), wait)  # type: ignore[arg-type]
+    ]
+
+
 def _error(message: str) -> Exception:
     """The redis-py exception for an error reply (NOSCRIPT, OOM, LOADING, READONLY...)."""
     error: Exception = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
@@ -248,9 +308,10 @@ class ClusterAutoPipeline:
     failure is the AutoPipeline's own: sent once, never again.
     """
 
-    def __init__(self, client: Any, timeout: float) -> None:
+    def __init__(self, client: Any, timeout: float, replication: Replication = NO_WAIT) -> None:
         self._client = client
         self._timeout = timeout
+        self._replication = replication
         self._pipelines: dict[str, AutoPipeline] = {}
 
     async def execute(self, *args: str | bytes | int | float) -> Any:
@@ -286,7 +347,7 @@ class ClusterAutoPipeline:
     def _for(self, node: Any) -> AutoPipeline:
         pipeline = self._pipelines.get(node.name)
         if pipeline is None or pipeline.node is not node:
-            pipeline = AutoPipeline(_NodeClient(node), self._timeout)
+            pipeline = AutoPipeline(_NodeClient(node), self._timeout, self._replication)
             pipeline.node = node
             self._pipelines[node.name] = pipeline
         return pipeline
@@ -313,9 +374,11 @@ class _NodeClient:
         self._node.release(conn)
 
 
-def auto_pipeline(client: Any, timeout: float) -> AutoPipeline | ClusterAutoPipeline | None:
+def auto_pipeline(
+    client: Any, timeout: float, replication: Replication = NO_WAIT
+) -> AutoPipeline | ClusterAutoPipeline | None:
     """The auto-pipeline for `client` (one server, Sentinel or Cluster); None for a client
     it cannot work with (a fake)."""
     if isinstance(client, RedisCluster):
-        return ClusterAutoPipeline(client, timeout)
-    return AutoPipeline.for_client(client, timeout)
+        return ClusterAutoPipeline(client, timeout, replication)
+    return AutoPipeline.for_client(client, timeout, replication)

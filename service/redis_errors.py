@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import redis.exceptions
 
+from service.batching import NotReplicated
 from service.context import Context
 from service.errors import ApiError
 
@@ -58,6 +59,11 @@ async def redis_unavailable() -> AsyncIterator[None]:
     """
     try:
         yield
+    except NotReplicated as exc:
+        raise _unavailable(
+            f"the increment reached the score store but was not {exc} (SCORE_REDIS_MIN_REPLICAS):"
+            " a failover could lose it; retry with the same Idempotency-Key, which counts it once"
+        ) from None
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         if isinstance(exc, redis.exceptions.BusyLoadingError):
             raise _unavailable("the score store is loading its data; retry shortly") from None

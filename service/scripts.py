@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from service.batching import auto_pipeline
+from service.batching import NO_WAIT, Replication, auto_pipeline
 from service.connections import SOCKET_TIMEOUT_S
 from service.keys import KeySchema, PartitionKeys, stored_idempotency_key
 from service.settings import MAX_SCORE, Settings
@@ -160,12 +160,12 @@ class SwapStep(msgspec.Struct, frozen=True):
 class Scripts:
     """The project's scripts registered on one asyncio Redis client."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, replication: Replication = NO_WAIT) -> None:
         self._submit = _Registered("submit_score", client)
         self._publish = _Registered("publish_top", client)
         self._provision = _Registered("provision_users", client)
         # The submits of all concurrent requests share one round trip (service/batching.py).
-        self._pipeline = auto_pipeline(client, SOCKET_TIMEOUT_S)
+        self._pipeline = auto_pipeline(client, SOCKET_TIMEOUT_S, replication)
 
     async def submit(self, call: Submit) -> SubmitResult:
         """Run submit_score (EVALSHA, reloading the script after a Redis restart). Sent

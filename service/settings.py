@@ -73,6 +73,10 @@ class Settings:
     max_increase: int = 1_000_000
     top_n: int = 10
     partitions: int = 1
+    redis_min_replicas: int = 0
+    """SCORE_REDIS_MIN_REPLICAS: an increment is acknowledged once this many replicas have it."""
+    redis_wait_ms: int = 500
+    """SCORE_REDIS_WAIT_MS: how long a batch waits for those replicas (WAIT), then 503."""
     idempotency_ttl_s: int = 24 * 3600
     # Live leaderboard (WebSocket / SSE)
     live_tick_ms: int = 50
@@ -163,6 +167,8 @@ class Settings:
             max_increase=_int(e, "SCORE_MAX_INCREASE", 1_000_000, 1, MAX_SCORE),
             top_n=_int(e, "SCORE_TOP_N", 10, 1, 1000),
             partitions=_int(e, "SCORE_PARTITIONS", 1, 1, 1024),
+            redis_min_replicas=_int(e, "SCORE_REDIS_MIN_REPLICAS", 0, 0, 16),
+            redis_wait_ms=_int(e, "SCORE_REDIS_WAIT_MS", 500, 1, 60_000),
             idempotency_ttl_s=_int(e, "SCORE_IDEMPOTENCY_TTL", 24 * 3600, 60, 30 * 24 * 3600),
             live_tick_ms=_int(e, "SCORE_LIVE_TICK_MS", 50, 1, 10_000),
             live_max_connections=_int(e, "SCORE_LIVE_MAX_CONNECTIONS", 10_000, 1, 1_000_000),

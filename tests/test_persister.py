@@ -117,6 +117,30 @@ def test_the_same_batch_applied_twice_changes_nothing(
         store.close()
 
 
+def test_a_keyed_increment_sent_again_within_its_keys_lifetime_is_counted_once(
+    settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, servers: Servers
+) -> None:
+    # A failover lost the first attempt from Redis after the persister had read it: the
+    # client's retry, with the same key, is a new event (new id, new stream id) there.
+    (alice, bob) = add_users(count=2)
+    ttl_ms = 60_000
+    store = Store(servers.postgres.url, ttl_ms // 1000)
+
+    def keyed(stream_ms: int, user: str, key: str, delta: int) -> Event:
+        return Event(f"{stream_ms}-0", str(uuid.uuid4()), user, delta, key, delta)
+
+    try:
+        assert store.apply([keyed(1_000, alice, "k1", 5)]) == (1, [])
+        retry = keyed(1_000 + ttl_ms - 1, alice, "k1", 5)
+        assert store.apply([retry]) == (0, [])  # the same increment: not counted again
+        assert store.apply([keyed(1_000 + ttl_ms + 1, alice, "k1", 7)]) == (1, [])  # reused
+        assert store.apply([keyed(2_000, bob, "k1", 3)]) == (1, [])  # another user's key
+        assert store.apply([Event("3000-0", str(uuid.uuid4()), alice, 2)]) == (1, [])  # no key
+        assert pg_scores(pg, [alice, bob]) == {alice: 5 + 7 + 2, bob: 3}
+    finally:
+        store.close()
+
+
 def test_a_replayed_stream_entry_is_counted_once(
     settings: Settings, r: redis.Redis, pg: psycopg.Connection, add_users, persister: Persister
 ) -> None:
@@ -326,6 +350,14 @@ def test_a_key_used_again_after_its_record_expired_counts_in_postgres_too(
     assert client.post("/api/v1/score", json=body, headers=headers).json()["new_score"] == 5
     if drained_between:
         persister.drain(0)
+        # as if it were a SCORE_IDEMPOTENCY_TTL old: within it, Postgres takes the key sent
+        # again for the same increment (a retry after a failover), and counts it once
+        ttl_ms = settings.idempotency_ttl_s * 1000
+        pg.execute(
+            "UPDATE score_events SET stream_id ="
+            " (split_part(stream_id, '-', 1)::bigint - %s)::text || '-0' WHERE user_id = %s",
+            (ttl_ms, alice),
+        )
     record = KeySchema(1).for_user(alice).idempotency(alice, "order-1")
     # SCORE_IDEMPOTENCY_TTL is 60 s at least: rather than wait, let Redis expire it now
     assert r.pexpire(record, 1)
