@@ -313,6 +313,8 @@ class ClusterAutoPipeline:
         self._timeout = timeout
         self._replication = replication
         self._pipelines: dict[str, AutoPipeline] = {}
+        self._stale = False  # a node failed: read the slot map again before the next call
+        self._refreshing = asyncio.Lock()
 
     async def execute(self, *args: str | bytes | int | float) -> Any:
         """Run one EVAL or EVALSHA with at least one key (its first key, args[3], routes it)."""
@@ -320,15 +322,20 @@ class ClusterAutoPipeline:
             raise ValueError("ClusterAutoPipeline runs EVAL/EVALSHA calls with keys only")
         slot = key_slot(str(args[3]).encode())
         asking_at: str | None = None
+        nodes = self._client.nodes_manager
+        if self._stale or not nodes.slots_cache:
+            await self._refresh()
         for _ in range(MAX_REDIRECTS):
-            nodes = self._client.nodes_manager
-            if not nodes.slots_cache:
-                await self._client.initialize()
             node = nodes.get_node(node_name=asking_at) if asking_at else None
             if node is None:
                 node = nodes.get_node_from_slot(slot)
             try:
                 return await self._for(node).execute(*args, asking=asking_at is not None)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                # the node may be dead and its slots taken over by a replica (a failover):
+                # the next call reads the map again; this one may have run, so it fails
+                self._stale = True
+                raise
             except redis.exceptions.MovedError:
                 REDIRECTS.labels("moved").inc()
                 await nodes.initialize()
@@ -343,6 +350,17 @@ class ClusterAutoPipeline:
                 await asyncio.sleep(LOOK_AGAIN_S)
                 asking_at = None
         raise redis.exceptions.ClusterError(f"still redirected after {MAX_REDIRECTS} tries")
+
+    async def _refresh(self) -> None:
+        """Read the slot map again, once for all the calls that wait for it."""
+        async with self._refreshing:
+            if self._stale or not self._client.nodes_manager.slots_cache:
+                self._stale = False
+                try:
+                    await self._client.nodes_manager.initialize()
+                except redis.exceptions.RedisError:
+                    self._stale = True  # no node answered: the next call tries again
+                    raise
 
     def _for(self, node: Any) -> AutoPipeline:
         pipeline = self._pipelines.get(node.name)

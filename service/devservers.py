@@ -222,10 +222,17 @@ class RedisServer:
     def start(self) -> RedisServer:
         import redis
 
+        if self.process is not None:  # started again after it died (a fault test's restart)
+            self.stop()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
+        # A copy of its own: a server that a sentinel reconfigures rewrites its file (CONFIG
+        # REWRITE), which must never be the project's redis.conf
+        config = self.directory / "redis.conf"
+        if self.config.resolve() != config.resolve():
+            shutil.copyfile(self.config, config)
         args = [
-            redis_binary(), str(self.config),
+            redis_binary(), str(config),
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
             "--pidfile", str(self.pid_file), *self.extra,

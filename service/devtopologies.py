@@ -105,9 +105,14 @@ class LocalCluster:
             node.stop(sig)
 
     def owner(self, slot: int) -> RedisServer:
-        """The primary that serves `slot` now."""
-        with _client(self.nodes[0].port) as c:
-            for low, high, primary, *_ in _command(c, "CLUSTER", "SLOTS"):
+        """The primary that serves `slot` now, as the first node that answers sees it."""
+        for node in self.nodes:
+            try:
+                with _client(node.port) as c:
+                    slots = _command(c, "CLUSTER", "SLOTS")
+            except redis.ConnectionError:  # a node that is down
+                continue
+            for low, high, primary, *_ in slots:
                 if low <= slot <= high:
                     port = int(primary[1])
                     return next(n for n in self.nodes if n.port == port)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +16,8 @@ import pytest
 import redis
 from conftest import ROOT, Servers, make_env, start_service, stop_process
 from persist_support import cli
+from players import Players
 
-from service.auth import mint
 from service.devservers import RedisServer, wait_for
 from service.devtopologies import LocalCluster
 from service.keys import KeySchema
@@ -41,59 +38,6 @@ def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server = RedisServer(tmp_path_factory.mktemp("queue")).start()
     yield server
     server.stop()
-
-
-class Players:
-    """Threads posting increments with Idempotency-Keys, retrying a 503 with the same key; a
-    ledger of what was acknowledged, and every status seen."""
-
-    def __init__(self, base: str, settings: Settings, users: list[str]) -> None:
-        self.base, self.settings, self.users = base, settings, users
-        self.ledger: Counter[str] = Counter()
-        self.statuses: Counter[int] = Counter()
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._play, args=(k,)) for k in range(4)]
-
-    def __enter__(self) -> Players:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join()
-
-    def acknowledged(self) -> int:
-        with self._lock:
-            return sum(self.statuses[s] for s in (200,))
-
-    def _play(self, k: int) -> None:
-        mine = self.users[k::4]
-        with httpx.Client(base_url=self.base, timeout=10) as http:
-            i = 0
-            while not self.stop.is_set():
-                user, delta, key = mine[i % len(mine)], 1 + i % 7, uuid.uuid4().hex
-                i += 1
-                headers = {
-                    "Authorization": f"Bearer {mint(self.settings, user)}",
-                    "Idempotency-Key": key,
-                }
-                while True:
-                    resp = http.post(
-                        "/api/v1/score",
-                        json={"user_id": user, "score_increase": delta},
-                        headers=headers,
-                    )
-                    with self._lock:
-                        self.statuses[resp.status_code] += 1
-                    if resp.status_code == 200:
-                        with self._lock:
-                            self.ledger[user] += delta
-                        break
-                    assert resp.status_code == 503, resp.text  # never a 500, never a 4xx
-                    time.sleep(0.05)
 
 
 def test_a_partition_resharded_under_load_loses_and_doubles_nothing(
