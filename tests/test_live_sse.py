@@ -7,11 +7,27 @@ The same frames as the WebSocket, each event's id its version; Last-Event-ID is 
 from __future__ import annotations
 
 import signal
+import uuid
 from pathlib import Path
 
 import httpx
 from conftest import Servers, make_env
-from live_support import WAIT_S, connect, frames_until, order, post_score, recv_frame, running, sse
+from live_support import (
+    WAIT_S,
+    connect,
+    frames_until,
+    order,
+    post_score,
+    recv_frame,
+    running,
+    score_of,
+    sse,
+)
+from persist_support import cli
+
+from service.auth import mint
+from service.keys import KeySchema
+from service.settings import Settings
 
 
 async def test_snapshot_then_updates_same_frames_as_websocket(service, add_users, token) -> None:
@@ -84,3 +100,40 @@ async def test_sigterm_ends_the_stream(servers: Servers, r, tmp_path: Path) -> N
         log = svc.log.read_text()
         assert "Application shutdown complete" in log
         assert "timeout graceful shutdown exceeded" not in log  # ended, not cancelled
+
+
+async def test_two_instances_agree_and_a_client_moving_between_them_misses_no_change(
+    servers: Servers, r, tmp_path: Path
+) -> None:
+    """Several `serve` instances behind one address, three partitions: a client that resumes
+    on the other instance with its Last-Event-ID gets the change made since, whichever
+    partition and instance it went through, and both instances send the same frame."""
+    env = make_env(servers, SCORE_PARTITIONS="3")
+    settings = Settings.from_env(env)
+    schema = KeySchema(3)
+    users: dict[int, str] = {}
+    while len(users) < 3:  # one user in each partition
+        user = f"u-{uuid.uuid4().hex[:8]}"
+        users.setdefault(schema.for_user(user).index, user)
+    assert cli(env, "users", "add", *users.values()).returncode == 0
+    with running(env, tmp_path / "a.log") as a, running(env, tmp_path / "b.log") as b:
+        async with (
+            httpx.AsyncClient(base_url=a.base) as via_a,
+            httpx.AsyncClient(base_url=b.base) as via_b,
+        ):
+            last = (await via_a.get("/api/v1/leaderboard")).json()["version"]
+            for step, partition in enumerate((0, 1, 2, 1, 0, 2)):
+                user = users[partition]
+                http, other = (via_a, b) if step % 2 else (via_b, a)
+                total = await post_score(http, mint(settings, user), user, step + 1)
+                async with sse(other.base, {"Last-Event-ID": last}) as stream:
+                    frames = await frames_until(
+                        stream.next_frame, lambda f, u=user, t=total: score_of(f, u) == t
+                    )
+                assert order(frames[0]["version"]) > order(last)  # nothing older, no skip
+                last = frames[-1]["version"]
+                async with sse(a.base) as on_a, sse(b.base) as on_b:
+                    done = lambda f: order(f["version"]) >= order(last)  # noqa: E731
+                    assert (await frames_until(on_a.next_frame, done))[-1] == (
+                        await frames_until(on_b.next_frame, done)
+                    )[-1]

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.keys import KeySchema, partition_tag, slot_range
+from service.leaderboard import combined
 from service.settings import ConfigError, Settings
 from service.topology import BadRedisUrl, parse
 
@@ -86,3 +87,27 @@ def test_three_partitions_land_on_three_primaries_of_a_three_primary_cluster() -
     # the scheme before put {p0} (15882) and {p1} (11819) on one primary, {p2} (7752) on another
     legacy = [k.slot for k in KeySchema(3, scheme=1).all()]
     assert legacy == [15882, 11819, 7752]
+
+
+def test_the_version_grows_with_a_change_of_any_partition_whatever_their_clocks() -> None:
+    # partition 0's primary runs 5 ms ahead: a change of partition 1 must still be newer (the
+    # newest id alone, the version before, stayed 105-0 and an SSE resume skipped it)
+    before = combined(["105-0", "100-0"])
+    after = combined(["105-0", "101-0"])
+    assert order(after) > order(before)
+    assert order(combined(["105-0", "101-1"])) > order(after)  # same ms, next seq
+    assert combined(["1795789034340-7"]) == "1795789034340-7"  # one partition: its own id
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**41), st.integers(0, 1000)), min_size=1, max_size=8))
+def test_any_newer_id_of_any_partition_makes_a_newer_version(ids: list[tuple[int, int]]) -> None:
+    versions = [f"{ms}-{seq}" for ms, seq in ids]
+    for i, (ms, seq) in enumerate(ids):
+        for newer in (f"{ms}-{seq + 1}", f"{ms + 1}-0"):
+            changed = versions[:i] + [newer] + versions[i + 1 :]
+            assert order(combined(changed)) > order(combined(versions))
+
+
+def order(version: str) -> tuple[int, int]:
+    ms, seq = version.split("-")
+    return int(ms), int(seq)
