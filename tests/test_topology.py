@@ -104,7 +104,7 @@ def test_any_newer_id_of_any_partition_makes_a_newer_version(ids: list[tuple[int
     versions = [f"{ms}-{seq}" for ms, seq in ids]
     for i, (ms, seq) in enumerate(ids):
         for newer in (f"{ms}-{seq + 1}", f"{ms + 1}-0"):
-            changed = versions[:i] + [newer] + versions[i + 1 :]
+            changed = [*versions[:i], newer, *versions[i + 1 :]]
             assert order(combined(changed)) > order(combined(versions))
 
 
