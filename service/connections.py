@@ -123,26 +123,23 @@ _CLOSED_TRANSPORT_SAFE: dict[type[Any], type[Any]] = {
 def sync_redis(settings: Settings, **overrides: Any) -> redis.Redis:
     """A blocking client with bounded timeouts (CLI, persister), which never re-sends a
     command (see above)."""
-    options: dict[str, Any] = {
-        "socket_timeout": 5.0,
-        "socket_connect_timeout": 2.0,
-        "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
-        "health_check_interval": 0,
-    }
-    client: redis.Redis = topology.sync_client(settings.redis, **(options | overrides))
-    return client
+    return _blocking(settings.redis, overrides)
 
 
 def queue_redis(settings: Settings, **overrides: Any) -> redis.Redis:
-    """A blocking client to the Redis of the persister's RQ job queue (SCORE_QUEUE_URL, by
-    default REDIS_URL's deployment; never a cluster: RQ's commands span keys of many slots)."""
+    """The same, to the Redis of the persister's RQ job queue (SCORE_QUEUE_URL, by default
+    REDIS_URL's deployment; never a cluster: RQ's commands span keys of many slots)."""
+    return _blocking(settings.queue_redis, overrides)
+
+
+def _blocking(target: topology.RedisTarget, overrides: dict[str, Any]) -> redis.Redis:
     options: dict[str, Any] = {
         "socket_timeout": 5.0,
         "socket_connect_timeout": 2.0,
         "retry": redis.retry.Retry(NoBackoff(), NO_RETRY, _RETRIED),
         "health_check_interval": 0,
     }
-    client: redis.Redis = topology.sync_client(settings.queue_redis, **(options | overrides))
+    client: redis.Redis = topology.sync_client(target, **(options | overrides))
     return client
 
 
