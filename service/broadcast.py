@@ -89,6 +89,8 @@ class Broadcaster:
         """Start following Redis (in the background: Redis may be down) and publishing."""
         self._changed = asyncio.Event()
         self._has_state = asyncio.Event()
+        self._bell = asyncio.Event()  # a doorbell rang: a top stream has a new entry
+        self._stopping = False
         self._idle = asyncio.Event()  # set while no client is connected
         self._idle.set()
         # A connection of its own: its reads block for BLOCK_MS, longer than the hot path's
@@ -104,11 +106,16 @@ class Broadcaster:
 
     async def stop(self) -> None:
         """Stop following and publishing; close the Redis connection."""
-        for task in self._tasks:
+        # The follower ends by itself (cancelled while it waited for its doorbells, it could
+        # miss the cancellation on Python 3.11 and hang the shutdown); the others are cancelled
+        self._stopping = True
+        self._bell.set()
+        follower, *others = self._tasks
+        for task in others:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*others, return_exceptions=True)
+        await asyncio.gather(follower, return_exceptions=True)
         await self._redis.aclose()
-        FOLLOWING.set(0)
 
     # Subscribers
 
@@ -171,17 +178,17 @@ class Broadcaster:
         would be refused (CROSSSLOT), and a primary's failover stops only its own.
         """
         parts = self.schema.all()
-        bell = asyncio.Event()
+        bell = self._bell
         doorbells: list[asyncio.Task[None]] = []
         failures = 0
         try:
-            while True:
+            while not self._stopping:
                 bell.clear()
                 try:
                     tops = await read_tops(self._redis, self.schema, self.settings.top_n)
-                except (
-                    Exception
-                ) as exc:  # Redis down, restarting, loading: clients keep the last state
+                except Exception as exc:  # Redis down, restarting, loading, failing over:
+                    if self._stopping:  # clients keep the last state
+                        break
                     if not failures:
                         log.warning("live leaderboard: lost Redis (%s); retrying", exc)
                     FOLLOWING.set(0)
@@ -199,19 +206,24 @@ class Broadcaster:
                         asyncio.create_task(self._doorbell(p.top, bell), name=f"live-{p.tag}")
                         for p in parts
                     ]
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(BLOCK_MS / 1000):
-                        await bell.wait()
+                # re-read anyway after BLOCK_MS; a timer rings the bell rather than a timeout
+                # cancelling the wait (one cancellation too many hung the shutdown on 3.11)
+                ring = asyncio.get_running_loop().call_later(BLOCK_MS / 1000, bell.set)
+                try:
+                    await bell.wait()
+                finally:
+                    ring.cancel()
         finally:
             for task in doorbells:
                 task.cancel()
             await asyncio.gather(*doorbells, return_exceptions=True)
+            FOLLOWING.set(0)
 
     async def _doorbell(self, top: str, bell: asyncio.Event) -> None:
         """Ring `bell` whenever the top stream `top` has an entry past the last one seen."""
         failures = 0
         position = self._seen[top]
-        while True:
+        while not self._stopping:
             seen = self._seen[top]
             if (version_order(seen) or (0, 0)) > (version_order(position) or (0, 0)):
                 position = seen  # read_tops has caught up past it: skip what it read
