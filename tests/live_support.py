@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import websockets
-from conftest import Service, start_service, stop_process
+from support import Service, start_service, stop_process
 
 Frame = dict[str, Any]
 WAIT_S = 15.0  # deadline for anything the tests wait for

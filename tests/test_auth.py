@@ -22,11 +22,11 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import Servers, assert_problem, make_env
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 import service.auth
 from service.app import create_app

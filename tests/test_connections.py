@@ -23,12 +23,12 @@ import pytest
 import redis
 import redis.exceptions
 import uvloop
-from conftest import Servers
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fault_proxy import FaultProxy, Mode
+from support import Servers
 
 from persister.events import Event
 from persister.stream import EventStream

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from support import ROOT
 
 from service.devservers import RedisServer, free_port, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def process_table() -> dict[int, tuple[int, str, str]]:

@@ -11,8 +11,8 @@ import logging
 
 import pytest
 import redis
-from conftest import Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app

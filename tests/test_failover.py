@@ -15,9 +15,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ROOT, Servers, make_env, start_service, stop_process
 from persist_support import cli
 from players import Players
+from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.connections import sync_redis
 from service.devservers import RedisServer, wait_for

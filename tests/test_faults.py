@@ -29,8 +29,8 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, Service, make_env, start_service, stop_process
 from persist_support import cli, keyed_rows, ledger, pg_scores, redis_totals, unpersisted
+from support import ROOT, Servers, Service, make_env, start_service, stop_process
 
 from persister.schema import migrate
 from service.auth import mint

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import redis
-from conftest import ROOT, stop_process
+from support import ROOT, stop_process
 
 from persister import heartbeat
 from service.devservers import wait_for

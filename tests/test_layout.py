@@ -15,9 +15,9 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, SECRET, Servers, make_env, start_service, stop_process
 from persist_support import cli, pg_scores, redis_totals, submit, unpersisted
 from starlette.testclient import TestClient
+from support import ROOT, SECRET, Servers, make_env, refused, start_service, stop_process
 
 from persister import layout
 from persister.flush import Persister
@@ -32,17 +32,6 @@ from service.scripts import Status, SyncScripts, prepare_submit
 from service.settings import Settings
 
 KEY = KeySchema(1).layout
-
-
-def refused(out: subprocess.CompletedProcess[str], *words: str) -> str:
-    """The command failed with exit status 2 and one clear line on stderr."""
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("score-service: configuration error: ")
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def recorded(r: redis.Redis, pg: psycopg.Connection) -> tuple[Layout | None, Layout | None]:

@@ -21,7 +21,6 @@ import psycopg
 import pytest
 import redis
 import websockets
-from conftest import ROOT, Servers, make_env, stop_process
 from live_support import (
     WAIT_S,
     connect,
@@ -35,6 +34,7 @@ from live_support import (
 )
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
+from support import ROOT, Servers, make_env, stop_process
 
 from service.app import create_app
 from service.devservers import RedisServer, free_port, wait_for

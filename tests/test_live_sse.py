@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-from conftest import Servers, make_env
 from live_support import (
     WAIT_S,
     connect,
@@ -24,6 +23,7 @@ from live_support import (
     sse,
 )
 from persist_support import cli
+from support import Servers, make_env
 
 from service.auth import mint
 from service.keys import KeySchema

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import redis
 import websockets
-from conftest import Servers, make_env
 from live_support import (
     WAIT_S,
     connect,
@@ -30,6 +29,7 @@ from live_support import (
     score_of,
     worker_pids,
 )
+from support import Servers, make_env
 
 from service.devservers import RedisServer
 from service.keys import KeySchema

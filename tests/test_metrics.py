@@ -9,7 +9,7 @@ import re
 import signal
 
 import httpx
-from conftest import start_service, stop_process
+from support import start_service, stop_process
 
 from service.devservers import wait_for
 from service.keys import KeySchema

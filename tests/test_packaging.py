@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import ROOT
 
 from service.devservers import free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 # what a source tree holds besides the project (and what a build must not be polluted by)
 NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", ".data", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit
 from rq import Queue
 from starlette.testclient import TestClient
+from support import Servers, make_env
 
 from persister.events import Event, Malformed, parse, parse_all
 from persister.flush import MAX_FAILURES, Drained, Persister

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from persist_support import cli, pg_scores, redis_totals, submit
+from support import Servers, make_env
 
 from persister.events import Event, parse_all
 from persister.flush import Persister

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import threading
 
-from conftest import assert_problem
 from starlette.testclient import TestClient
+from support import assert_problem
 
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app

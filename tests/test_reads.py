@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
-from conftest import SECRET, Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint

@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
+from support import Servers, make_env
 
 import persister.rebuild
 import persister.reconcile

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers
 from persist_support import cli, keyed_rows, pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
+from support import Servers
 
 from persister.events import parse_all
 from persister.flush import Persister

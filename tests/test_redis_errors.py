@@ -12,8 +12,8 @@ import psycopg
 import pytest
 import redis
 import redis.exceptions
-from conftest import Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Servers, assert_problem, make_env
 from persist_support import cli
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from persister.wiring import hooks
 from service.app import create_app

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 
 import msgspec
 import pytest
-from conftest import SECRET, Servers, assert_problem, make_env
 from starlette.requests import Request
 from starlette.testclient import TestClient
+from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint

@@ -17,9 +17,9 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, make_env, start_service, stop_process
 from live_support import connect, order, recv_frame
 from persist_support import cli
+from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.auth import mint
 from service.devservers import RedisServer, wait_for

@@ -23,9 +23,9 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, make_env
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, submit
+from support import ROOT, Servers, make_env
 
 from persister.schema import migrate
 from service.devservers import PostgresServer, RedisServer, wait_for
