@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
@@ -29,4 +29,3 @@ class Context:
     ready: bool = False
     not_ready_reason: str = "starting"
     draining: bool = False  # SIGTERM: shutting down (service.going_away); /readyz answers 503
-    extras: dict[str, object] = field(default_factory=dict)
