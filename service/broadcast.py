@@ -21,8 +21,9 @@ from prometheus_client import Counter as Metric
 from prometheus_client import Gauge
 from redis.backoff import ExponentialBackoff
 
+from service import streamids
 from service.connections import async_redis
-from service.frames import Frame, encode_frame, version_order
+from service.frames import Frame, encode_frame
 from service.keys import KeySchema
 from service.leaderboard import build
 from service.settings import Settings
@@ -213,7 +214,7 @@ class Broadcaster:
         position = self._seen[top]
         while True:
             seen = self._seen[top]
-            if (version_order(seen) or (0, 0)) > (version_order(position) or (0, 0)):
+            if streamids.order(seen) > streamids.order(position):
                 position = seen  # read_tops has caught up past it: skip what it read
             try:
                 found: Any = await self._redis.xread({top: position}, count=1, block=BLOCK_MS)

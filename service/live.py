@@ -32,9 +32,10 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
+from service import streamids
 from service.broadcast import CLOSED, TRY_AGAIN_LATER, WS_CLIENTS, Broadcaster, Refused
 from service.errors import problem
-from service.frames import Frame, version_order
+from service.frames import Frame
 from service.subscribers import (
     TOO_SLOW,
     Direct,
@@ -249,7 +250,7 @@ class LiveStream(_Endpoint):
             CLOSED.labels("origin").inc()
             await problem(403, FORBIDDEN_ORIGIN)(scope, receive, send)
             return
-        after = version_order(headers.get("last-event-id", "").strip())
+        after = streamids.parse(headers.get("last-event-id", "").strip())
         try:
             sub = await self.subscribe(Pumped(client_address(scope), after, heartbeat=True))
         except Refused as refused:

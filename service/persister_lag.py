@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from service import streamids
 from service.context import Context
 from service.keys import PREFIX, PartitionKeys
 
@@ -84,7 +85,7 @@ class _Reads:
         oldest_id = self.oldest_pending or first_undelivered
         age = 0.0
         if oldest_id is not None:
-            age = max(0.0, self.now_s - int(oldest_id.split("-")[0]) / 1000)
+            age = max(0.0, self.now_s - streamids.millis(oldest_id) / 1000)
         undelivered = 0  # nothing after the last delivered entry: no estimate can say more
         if first_undelivered is not None:
             undelivered = min(max(self.undelivered, 1), self.most_undelivered)

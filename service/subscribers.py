@@ -20,7 +20,8 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, Protocol, cast
 
-from service.frames import Frame, Version
+from service.frames import Frame
+from service.streamids import Order
 
 
 class Ending(NamedTuple):
@@ -63,7 +64,7 @@ class Pumped(Subscriber):
 
     __slots__ = ("after", "heartbeat", "keepalive", "wake")
 
-    def __init__(self, address: str, after: Version | None = None, heartbeat: bool = False) -> None:
+    def __init__(self, address: str, after: Order | None = None, heartbeat: bool = False) -> None:
         super().__init__(address)
         self.after = after  # send no frame at or below this version (SSE Last-Event-ID)
         self.heartbeat = heartbeat  # wants keepalives from the broadcaster (SSE)

@@ -15,7 +15,6 @@ from live_support import (
     WAIT_S,
     connect,
     frames_until,
-    order,
     post_score,
     recv_frame,
     running,
@@ -28,6 +27,7 @@ from support import Servers, make_env
 from service.auth import mint
 from service.keys import KeySchema
 from service.settings import Settings
+from service.streamids import order
 
 
 async def test_snapshot_then_updates_same_frames_as_websocket(service, add_users, token) -> None:

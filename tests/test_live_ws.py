@@ -21,7 +21,6 @@ from live_support import (
     WAIT_S,
     connect,
     frames_until,
-    order,
     post_score,
     process_serving,
     recv_frame,
@@ -35,6 +34,7 @@ from service.devservers import RedisServer
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings
+from service.streamids import order
 from service.users import provision_sync
 
 
