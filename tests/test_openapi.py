@@ -20,7 +20,7 @@ from service.devservers import wait_for
 from service.keys import KeySchema
 from service.layout import Layout, encode
 from service.openapi import OPENAPI_PATH
-from service.scores import IDEMPOTENCY_KEY
+from service.requests import IDEMPOTENCY_KEY
 from service.settings import Settings
 
 _CONVERTER = re.compile(r"\{(\w+):\w+\}")

@@ -21,7 +21,8 @@ from service.devservers import wait_for
 from service.errors import ApiError
 from service.keys import KeySchema
 from service.models import score_update_decoder
-from service.scores import MAX_BODY_BYTES, decode_json
+from service.requests import decode_json
+from service.scores import MAX_BODY_BYTES
 from service.settings import MAX_SCORE, Settings
 
 URL = "/api/v1/score"
