@@ -41,9 +41,9 @@ from persister.layout import read_postgres, read_redis, write_postgres, write_re
 from persister.locks import PersisterBusy
 from persister.rebuild import REBUILD_LOCK_TTL_S, REBUILD_WAIT_S, Rebuilt, rebuild
 from service.connections import sync_redis
-from service.keys import PartitionKeys
+from service.keys import PERSISTER_GROUP, PartitionKeys
 from service.layout import CHANGE_COMMAND, Layout, layout_of
-from service.persister_lag import PERSISTER_GROUP, Lag, read_lags_sync
+from service.persister_lag import Lag, read_lags_sync
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,7 @@ from typing import Any
 import redis
 
 from persister.events import Batch, Event, RawEntry, StreamEntry, parse_raw
-from service.keys import PartitionKeys
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, PartitionKeys
 from service.scripts import SyncScripts
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,7 @@ import psycopg
 import redis
 
 from persister.events import Event, StreamEntry, parse_all
-from service.keys import PartitionKeys
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, PartitionKeys
 from service.streamids import ZERO, order
 
 PAGE = 10_000

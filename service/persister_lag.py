@@ -18,14 +18,8 @@ from prometheus_client.registry import REGISTRY, Collector
 
 from service import streamids
 from service.context import Context
-from service.keys import PREFIX, PartitionKeys
+from service.keys import PERSISTER_GROUP, PERSISTER_WORKERS, PartitionKeys
 
-PERSISTER_GROUP = "persister"
-"""The consumer group of the persister on every events stream."""
-
-WORKERS = f"{PREFIX}:persister:workers"
-"""ZSET of persister workers (`host:pid`) -> their last heartbeat, in ms on Redis's clock
-(persister/heartbeat.py). No hash tag: read by /readyz and the worker's health check only."""
 HEARTBEAT_S = 2.0
 """A running worker beats this often."""
 HEARTBEAT_FRESH_S = 10.0
@@ -180,8 +174,8 @@ async def live_workers(client: aioredis.Redis) -> list[str]:
     """The persister workers (`host:pid`) whose heartbeat is fresh, by Redis's clock: one
     round trip."""
     pipe = client.pipeline(transaction=False)
-    pipe.eval(TIME_AT_KEY, 1, WORKERS)
-    pipe.zrange(WORKERS, 0, -1, withscores=True)
+    pipe.eval(TIME_AT_KEY, 1, PERSISTER_WORKERS)
+    pipe.zrange(PERSISTER_WORKERS, 0, -1, withscores=True)
     (seconds, micros), beats = await pipe.execute()
     oldest_ms = (int(seconds) + int(micros) / 1e6 - HEARTBEAT_FRESH_S) * 1000
     return [_text(worker) for worker, at_ms in beats if at_ms >= oldest_ms]

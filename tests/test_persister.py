@@ -21,8 +21,8 @@ from persister.locks import flush_lock
 from persister.reconcile import reconcile, render
 from persister.store import Store
 from service.devservers import free_port, wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP, read_lags_sync
+from service.keys import PERSISTER_GROUP, KeySchema
+from service.persister_lag import read_lags_sync
 from service.settings import Settings
 
 

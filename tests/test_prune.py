@@ -22,8 +22,7 @@ from persister.rebuild import rebuild
 from persister.reconcile import reconcile, render
 from persister.store import Store
 from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.scripts import Status
 from service.settings import Settings
 

@@ -20,8 +20,7 @@ from persister.store import Store
 from persister.unpersisted import read_unpersisted
 from service.app import create_app
 from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.scripts import Status, Swapped, SwapStep, SyncScripts
 from service.settings import Settings
 

@@ -33,8 +33,7 @@ from websockets.sync.client import connect as ws_connect
 
 from service.auth import mint
 from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 
 WAIT_S = 30.0

@@ -29,8 +29,7 @@ from support import ROOT, Servers, make_env
 
 from persister.schema import migrate
 from service.devservers import PostgresServer, RedisServer, wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 from service.users import provision_sync
 
