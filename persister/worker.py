@@ -29,7 +29,7 @@ from rq.cron import CronScheduler
 
 from persister import heartbeat, jobs, layout
 from persister.flush import BACKOFF, failed_again
-from service.connections import check_redis_sync, queue_redis, sync_redis
+from service.connections import check_redis, queue_redis, sync_redis
 from service.persister_lag import HEARTBEAT_S
 from service.settings import Settings
 
@@ -138,7 +138,7 @@ def _wait_for_redis(settings: Settings, stop: threading.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                check_redis_sync(client)
+                check_redis(client)
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
                 failures = failed_again(failures)

@@ -20,7 +20,7 @@ from service.auth import Authenticator
 from service.batching import Replication
 from service.broadcast import Broadcaster
 from service.concurrency import ConcurrencyLimit
-from service.connections import async_redis, check_redis
+from service.connections import async_redis, refuse_evicting_redis
 from service.context import Context, FlushRequester
 from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
@@ -59,8 +59,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(refuse_evicting_redis, settings)
         client = async_redis(settings)
-        await check_redis(client)
         pg = AsyncConnectionPool(
             settings.database_url,
             min_size=1,

@@ -189,7 +189,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     import psycopg
 
     from persister.layout import ensure
-    from service.connections import check_redis_sync, sync_redis
+    from service.connections import check_redis, sync_redis
     from service.keys import KeySchema
     from service.progress import Meter, rate
     from service.users import provision_all
@@ -205,7 +205,7 @@ def cmd_users(args: argparse.Namespace) -> int:
             total = len(ids)
         client = sync_redis(settings)
         stack.callback(client.close)
-        check_redis_sync(client)
+        check_redis(client)
         ensure(settings)
         meter = stack.enter_context(Meter("users"))
         meter.expect("users provisioned", total)

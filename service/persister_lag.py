@@ -52,12 +52,15 @@ class Lag:
 TIME_AT_KEY = "return redis.call('TIME')"
 
 
-def _queue_reads(pipe: Any, keys: PartitionKeys) -> None:
-    pipe.execute_command("EVAL", TIME_AT_KEY, 1, keys.events)
-    pipe.xlen(keys.events)
-    pipe.xinfo_groups(keys.events)
-    pipe.xpending(keys.events, PERSISTER_GROUP)
-    pipe.hgetall(keys.persist_stats)
+def _queue_reads(pipe: Any, parts: Sequence[PartitionKeys]) -> Any:
+    """The first round trip, on `pipe` (a blocking or an asyncio client's)."""
+    for keys in parts:
+        pipe.execute_command("EVAL", TIME_AT_KEY, 1, keys.events)
+        pipe.xlen(keys.events)
+        pipe.xinfo_groups(keys.events)
+        pipe.xpending(keys.events, PERSISTER_GROUP)
+        pipe.hgetall(keys.persist_stats)
+    return pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,24 +153,20 @@ def _lags(
 
 def read_lags_sync(client: redis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
     """The lag of each partition, in two pipelined round trips at most (blocking client)."""
-    pipe = client.pipeline(transaction=False)
-    for keys in parts:
-        _queue_reads(pipe, keys)
-    reads = _first_round(pipe.execute(raise_on_error=False), len(parts))
-    pipe = client.pipeline(transaction=False)
-    asked = _queue_first_undelivered(pipe, parts, reads)
-    return _lags(parts, reads, asked, pipe.execute() if asked else [])
+    first = _queue_reads(client.pipeline(transaction=False), parts)
+    reads = _first_round(first.execute(raise_on_error=False), len(parts))
+    second = client.pipeline(transaction=False)
+    asked = _queue_first_undelivered(second, parts, reads)
+    return _lags(parts, reads, asked, second.execute() if asked else [])
 
 
 async def read_lags(client: aioredis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
     """The lag of each partition, in two pipelined round trips at most (asyncio client)."""
-    pipe = client.pipeline(transaction=False)
-    for keys in parts:
-        _queue_reads(pipe, keys)
-    reads = _first_round(await pipe.execute(raise_on_error=False), len(parts))
-    pipe = client.pipeline(transaction=False)
-    asked = _queue_first_undelivered(pipe, parts, reads)
-    return _lags(parts, reads, asked, await pipe.execute() if asked else [])
+    first = _queue_reads(client.pipeline(transaction=False), parts)
+    reads = _first_round(await first.execute(raise_on_error=False), len(parts))
+    second = client.pipeline(transaction=False)
+    asked = _queue_first_undelivered(second, parts, reads)
+    return _lags(parts, reads, asked, await second.execute() if asked else [])
 
 
 async def live_workers(client: aioredis.Redis) -> list[str]:

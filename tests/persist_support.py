@@ -36,7 +36,7 @@ def submit(
         idempotency_key=key,
         operator=key is None,
     )
-    return SyncScripts(client).submit(call)
+    return SyncScripts(client).run(call)
 
 
 def redis_totals(

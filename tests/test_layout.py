@@ -385,7 +385,7 @@ def test_keys_of_the_scheme_before_are_refused_then_moved_by_partitions_set(
     scripts = SyncScripts(r)
     for i, user_id in enumerate(ids):
         call = prepare_submit(settings, old, user_id, i + 1, operator=True)
-        assert scripts.submit(call).status == Status.OK
+        assert scripts.run(call).status == Status.OK
     refused(cli(two, "rebuild"), "key scheme version 1", "partitions set 2")
 
     out = cli(two, "partitions", "set", "2")

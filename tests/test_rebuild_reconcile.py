@@ -21,7 +21,7 @@ from persister.unpersisted import read_unpersisted
 from service.app import create_app
 from service.devservers import wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
-from service.scripts import Status, Swapped, SwapStep, SyncScripts
+from service.scripts import Status, Swapped, SwapStep, SyncScripts, swap_leaderboard
 from service.settings import Settings
 
 
@@ -107,7 +107,7 @@ def test_increments_accepted_during_a_rebuild_are_replayed_by_the_swap(
     submit(settings, r, users[1], 4)
     r.xadd(keys.events, {"e": "x", "u": "not-in-postgres", "d": "9"})
 
-    step = SyncScripts(r).swap_leaderboard(keys, "t1", 10)
+    step = SyncScripts(r).run(swap_leaderboard(keys, "t1", 10))
 
     assert step == SwapStep(Swapped.NOW, replayed=2, scanned=3)
     assert leaderboard(r) == {users[0].encode(): -8.0, users[1].encode(): -4.0}
