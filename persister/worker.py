@@ -28,8 +28,8 @@ from rq import SimpleWorker
 from rq.cron import CronScheduler
 
 from persister import heartbeat, jobs, layout
-from persister.flush import BACKOFF, failed_again
-from service.connections import check_redis, queue_redis, sync_redis
+from persister.flush import BACKOFF
+from service.connections import check_redis, failed_again, queue_redis, sync_redis
 from service.persister_lag import HEARTBEAT_S
 from service.settings import Settings
 

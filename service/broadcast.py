@@ -22,7 +22,7 @@ from prometheus_client import Gauge
 from redis.backoff import ExponentialBackoff
 
 from service import streamids
-from service.connections import async_redis
+from service.connections import async_redis, failed_again
 from service.frames import Frame, encode_frame
 from service.keys import KeySchema
 from service.leaderboard import build
@@ -180,13 +180,12 @@ class Broadcaster:
                 bell.clear()
                 try:
                     tops = await read_tops(self._redis, self.schema, self.settings.top_n)
-                except (
-                    Exception
-                ) as exc:  # Redis down, restarting, loading: clients keep the last state
+                except Exception as exc:
+                    # Redis down, restarting, loading: clients keep the last state
                     if not failures:
                         log.warning("live leaderboard: lost Redis (%s); retrying", exc)
                     FOLLOWING.set(0)
-                    failures += 1
+                    failures = failed_again(failures)
                     await asyncio.sleep(BACKOFF.compute(failures))
                     continue
                 if failures:
@@ -220,7 +219,7 @@ class Broadcaster:
                 found: Any = await self._redis.xread({top: position}, count=1, block=BLOCK_MS)
             except Exception:  # the follower's read reports it; ring, so that it tries
                 bell.set()
-                failures += 1
+                failures = failed_again(failures)
                 await asyncio.sleep(BACKOFF.compute(failures))
                 continue
             failures = 0

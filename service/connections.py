@@ -153,6 +153,16 @@ def _retries(reads_only: bool) -> int:
     return 1 if reads_only else NO_RETRY
 
 
+MAX_DOUBLINGS = 16
+"""Failures are counted up to this for a backoff: its cap is reached long before, and redis-py's
+backoffs compute base * 2**failures, which no longer fits a float past ~1000 (a long outage)."""
+
+
+def failed_again(failures: int) -> int:
+    """The count of consecutive failures after one more (bounded, see MAX_DOUBLINGS)."""
+    return min(failures + 1, MAX_DOUBLINGS)
+
+
 def eviction_problem(info: dict[str, Any]) -> str | None:
     """Why a Redis with this `INFO memory` could lose our keys, or None if it cannot."""
     policy = info.get("maxmemory_policy")
