@@ -82,7 +82,7 @@ class Stack:
 
 
 def kill9(process: subprocess.Popen[bytes]) -> None:
-    """kill -9 the process and whatever it forked (RQ's scheduler)."""
+    """kill -9 the process (its process group: anything it forked too)."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
 

@@ -176,7 +176,8 @@ class Stack:
     # --- faults -------------------------------------------------------------------------
 
     def kill_persister(self) -> None:
-        """kill -9 of the worker and whatever it forked (RQ's scheduler)."""
+        """kill -9 of the worker (its process group: the worker forks nothing, but whatever it
+        might fork goes with it)."""
         if self.persister is not None:
             _signal_group(self.persister, signal.SIGKILL)
             self.persister.wait(10)
