@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http="httptools",
             # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
             # transport the live leaderboard can reach to write its pre-framed frames to
-            # (service/subscribers.py). No permessage-deflate: a zlib context per connection
+            # (service/live/subscribers.py). No permessage-deflate: a zlib context per connection
             # costs tens of KB and compresses every frame once per client instead of once.
             ws="websockets-sansio",
             ws_per_message_deflate=False,
@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
             access_log=False,  # uvicorn's: ours is SCORE_ACCESS_LOG (service/request_id.py)
-            # After SIGTERM's grace period (service/going_away.py): requests in flight get this
+            # After SIGTERM's grace period (service/live/going_away.py): requests in flight get this
             # long to finish; then they are cancelled.
             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
             # An idle keep-alive connection is closed after this long (uvicorn's default).

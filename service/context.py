@@ -28,4 +28,4 @@ class Context:
     request_flush: FlushRequester | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
-    draining: bool = False  # SIGTERM: shutting down (service.going_away); /readyz answers 503
+    draining: bool = False  # SIGTERM: shutting down (service.live.going_away); /readyz answers 503

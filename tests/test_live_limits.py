@@ -39,7 +39,7 @@ from support import ROOT, Servers, make_env, stop_process
 from service.app import create_app
 from service.devservers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
-from service.live import address_key
+from service.live.endpoints import address_key
 from service.scripts import SyncScripts, publish_top
 from service.settings import ConfigError, Settings
 from service.users import provision_sync

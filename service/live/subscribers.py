@@ -20,7 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, Protocol, cast
 
-from service.frames import Frame
+from service.live.frames import Frame
 from service.streamids import Order
 
 
@@ -60,7 +60,7 @@ class Subscriber:
 
 
 class Pumped(Subscriber):
-    """A client whose own task sends its frames (see `service.live.pump`)."""
+    """A client whose own task sends its frames (see `service.live.endpoints.pump`)."""
 
     __slots__ = ("after", "heartbeat", "keepalive", "wake")
 

@@ -3,7 +3,7 @@
 One task tails the partitions' top streams (XREAD BLOCK, on a Redis connection of its own)
 and keeps the merged top-N in memory; a second publishes the newest state to every
 subscriber, at most once per tick (SCORE_LIVE_TICK_MS). Each frame is encoded once and shared
-by all clients (`service.frames`); how it reaches one client is `service.subscribers`'s
+by all clients (`service.live.frames`); how it reaches one client is `service.live.subscribers`'s
 business: written straight to its transport, or handed to its own task. Either way a client
 holds only the newest frame it has not been sent: a burst costs a slow client skipped frames,
 never a growing queue.
@@ -23,11 +23,11 @@ from redis.backoff import ExponentialBackoff
 
 from service import streamids
 from service.connections import async_redis, failed_again
-from service.frames import Frame, encode_frame
 from service.keys import KeySchema
 from service.leaderboard import build
+from service.live.frames import Frame, encode_frame
+from service.live.subscribers import Ending, Subscriber
 from service.settings import Settings
-from service.subscribers import Ending, Subscriber
 from service.tops import Tops, read_tops
 
 log = logging.getLogger(__name__)
