@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench.procs import Proc, http_server, spawn
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer
+from service.dev.servers import PostgresServer, RedisServer
 from service.keys import KeySchema
 from service.users import provision_sync
 

@@ -253,7 +253,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from service.auth import mint
-    from service.dev import DEV_HS256_FILE
+    from service.dev.quickstart import DEV_HS256_FILE
 
     (user_id,) = read_user_ids([args.user_id])
     env = dict(os.environ)
@@ -269,7 +269,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from service.dev import run_dev
+    from service.dev.quickstart import run_dev
 
     return run_dev(Path(args.data), port=args.port, demo=args.demo, redis_kind=args.redis)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from service.devservers import RedisServer, ServerError, free_port, wait_for
+from service.dev.servers import RedisServer, ServerError, free_port, wait_for
 from service.keys import slot_range
 
 MASTER_NAME = "score"

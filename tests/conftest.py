@@ -21,7 +21,7 @@ from support import Servers, Service, make_env, start_service, stop_process
 from persister.schema import migrate
 from service.app import create_app
 from service.auth import mint
-from service.devservers import PostgresServer, RedisServer, wait_for
+from service.dev.servers import PostgresServer, RedisServer, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, free_port, wait_for
 
 SECRET = "test-secret-" + "x" * 40
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from support import assert_problem
 from persister.flush import Persister
 from persister.rebuild import rebuild
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 

@@ -31,7 +31,7 @@ from support import Servers, assert_problem, make_env
 import service.auth
 from service.app import create_app
 from service.auth import LEEWAY_S, MAX_TOKEN_CHARS, Authenticator, AuthError, Jwks, Principal
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.settings import Settings
 
 SECRET = "auth-test-secret-" + "z" * 60  # long enough for HS512 too

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support import ROOT, SECRET, Servers, refused
 
-from service.devservers import RedisServer, free_port
+from service.dev.servers import RedisServer, free_port
 from service.keys import KeySchema
 
 

@@ -18,7 +18,7 @@ from persist_support import cli
 from players import Players
 from support import ROOT, Servers, make_env, start_service, stop_process
 
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.devtopologies import LocalCluster
 from service.keys import KeySchema
 from service.settings import Settings

@@ -34,7 +34,7 @@ from persister.events import Event
 from persister.stream import EventStream
 from service.batching import AutoPipeline
 from service.connections import async_redis, sync_redis
-from service.devservers import RedisServer, free_port
+from service.dev.servers import RedisServer, free_port
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings

@@ -20,7 +20,7 @@ from players import Players
 from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.connections import sync_redis
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.devtopologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync

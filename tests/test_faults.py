@@ -34,7 +34,7 @@ from support import ROOT, Servers, Service, make_env, start_service, stop_proces
 
 from persister.schema import migrate
 from service.auth import mint
-from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings

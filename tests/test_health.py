@@ -12,7 +12,7 @@ import redis
 from support import ROOT, stop_process
 
 from persister import heartbeat
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import PERSISTER_WORKERS, KeySchema
 from service.persister_lag import HEARTBEAT_FRESH_S
 

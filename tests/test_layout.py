@@ -25,7 +25,7 @@ from persister.repartition import change
 from persister.wiring import hooks
 from service.app import create_app
 from service.auth import mint
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, encode
 from service.scripts import Status, SyncScripts, prepare_submit

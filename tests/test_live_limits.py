@@ -37,7 +37,7 @@ from starlette.websockets import WebSocketDisconnect
 from support import ROOT, Servers, make_env, stop_process
 
 from service.app import create_app
-from service.devservers import RedisServer, free_port, wait_for
+from service.dev.servers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.live.endpoints import address_key
 from service.scripts import SyncScripts, publish_top

@@ -30,7 +30,7 @@ from live_support import (
 )
 from support import Servers, make_env
 
-from service.devservers import RedisServer
+from service.dev.servers import RedisServer
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings

@@ -26,7 +26,7 @@ from support import ROOT, start_service, stop_process
 
 from persister.flush import Persister
 from persister.jobs import FlushLog
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.logs import JsonFormatter, RequestIdFilter
 from service.request_id import RequestId

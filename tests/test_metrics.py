@@ -11,7 +11,7 @@ import signal
 import httpx
 from support import start_service, stop_process
 
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 
 

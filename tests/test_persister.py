@@ -20,7 +20,7 @@ from persister.jobs import QUEUE, FlushRequester
 from persister.locks import flush_lock
 from persister.reconcile import reconcile, render
 from persister.store import Store
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings

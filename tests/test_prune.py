@@ -21,7 +21,7 @@ from persister.prune import MIN_AGE_S, PruneRefused, prune
 from persister.rebuild import rebuild
 from persister.reconcile import reconcile, render
 from persister.store import Store
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
 from service.scripts import Status
 from service.settings import Settings

@@ -13,7 +13,7 @@ from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.streamids import order

@@ -32,7 +32,7 @@ from persister.reconcile import reconcile, render
 from persister.store import Store
 from persister.stream import EventStream
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.scripts import Call, Status, Swapped, SwapStep, SyncScripts, load
 from service.settings import Settings

@@ -19,7 +19,7 @@ from persister.reconcile import reconcile, render
 from persister.store import Store
 from persister.unpersisted import read_unpersisted
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
 from service.scripts import Status, Swapped, SwapStep, SyncScripts, swap_leaderboard
 from service.settings import Settings

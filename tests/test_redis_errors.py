@@ -17,7 +17,7 @@ from support import Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import RedisServer, free_port, wait_for
+from service.dev.servers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync

@@ -19,7 +19,7 @@ import redis
 from support import Servers, assert_problem, make_env, start_service, stop_process
 
 from service.auth import mint
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync

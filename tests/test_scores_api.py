@@ -17,7 +17,7 @@ from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.errors import ApiError
 from service.keys import KeySchema
 from service.models import score_update_decoder

@@ -32,7 +32,7 @@ from support import ROOT, Servers, make_env, start_service, stop_process
 from websockets.sync.client import connect as ws_connect
 
 from service.auth import mint
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 

@@ -22,7 +22,7 @@ from persist_support import cli
 from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.auth import mint
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.devtopologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.settings import Settings

@@ -28,7 +28,7 @@ from persist_support import pg_scores, submit
 from support import ROOT, Servers, make_env
 
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer, wait_for
+from service.dev.servers import PostgresServer, RedisServer, wait_for
 from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 from service.users import provision_sync

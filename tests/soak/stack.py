@@ -24,7 +24,7 @@ import redis
 from fault_proxy import FaultProxy, Mode
 
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer, ServerError, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, ServerError, free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 

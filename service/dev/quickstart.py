@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.devservers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
 from service.devtopologies import LocalCluster, LocalSentinel
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",

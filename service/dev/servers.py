@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from service.shipped import REDIS_CONF
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (bench runs processes from it)
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (bench runs processes from it)
 UNPRIVILEGED_USERS = ("postgres", "nobody")
 SYSTEM_POSTGRES = Path("/usr/lib/postgresql")  # Debian's versioned installs
 
