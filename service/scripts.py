@@ -69,6 +69,7 @@ class LuaSource:
 
 @cache
 def _sources() -> dict[str, LuaSource]:
+    """Every script of lua/, by name (read once)."""
     found = {}
     for path in sorted(LUA_DIR.glob("*.lua")):
         m = _NAME.match(path.name)
@@ -80,7 +81,7 @@ def _sources() -> dict[str, LuaSource]:
 
 
 def load(name: str) -> LuaSource:
-    """Read `lua/<name>-<N>.lua` and its key count N."""
+    """The script `lua/<name>-<N>.lua`, with its key count N."""
     try:
         return _sources()[name]
     except KeyError:
