@@ -19,7 +19,7 @@ from players import Players
 from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.dev.servers import RedisServer, wait_for
-from service.devtopologies import LocalCluster
+from service.dev.topologies import LocalCluster
 from service.keys import KeySchema
 from service.settings import Settings
 

@@ -21,7 +21,7 @@ from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.connections import sync_redis
 from service.dev.servers import RedisServer, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings

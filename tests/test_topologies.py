@@ -23,7 +23,7 @@ from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.auth import mint
 from service.dev.servers import RedisServer, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.settings import Settings
 from service.streamids import order

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from service.dev.servers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.topologies import LocalCluster, LocalSentinel
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
               "judy", "mallory", "niaj", "olivia", "peggy", "rupert", "sybil"]  # fmt: skip

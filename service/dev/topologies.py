@@ -1,5 +1,5 @@
 """Throwaway Redis Cluster and Redis Sentinel deployments on one machine, made of
-`redis-server` processes (devservers.RedisServer), for `score-service dev --redis cluster|
+`redis-server` processes (servers.RedisServer), for `score-service dev --redis cluster|
 sentinel`, the tests and the benchmark.
 
 They are built with Redis's own commands (CLUSTER MEET / ADDSLOTS / REPLICATE, SENTINEL
