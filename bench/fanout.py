@@ -12,7 +12,7 @@ from collections.abc import Callable
 from bench.ledger import Ledger
 from bench.procs import rss_bytes
 from bench.stack import Stack
-from service.devservers import ROOT
+from service.dev.servers import ROOT
 
 WS_PATH = "/api/v1/leaderboard/ws"
 

@@ -21,7 +21,7 @@ import psycopg
 from persister.events import Event
 from persister.schema import migrate
 from persister.store import Store
-from service.devservers import PostgresServer
+from service.dev.servers import PostgresServer
 
 USERS = 10_000
 BATCH = 20_000

@@ -18,16 +18,12 @@ from bench.stack import Stack
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings
+from service.streamids import millis
 
 PIPELINE = 1000
 POLL_S = 0.05
 DRAIN_POLL_S = 0.02
 DRAIN_TIMEOUT_S = 120.0
-
-
-def _id_ms(stream_id: bytes | str) -> int:
-    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-    return int(text.split("-")[0])
 
 
 def oldest_unpersisted(client: redis.Redis, stream: str) -> bytes | None:
@@ -49,7 +45,7 @@ def oldest_unpersisted(client: redis.Redis, stream: str) -> bytes | None:
         if after:
             candidates.append(after[0][0])
         for c in candidates:
-            if oldest is None or _id_ms(c) < _id_ms(oldest):
+            if oldest is None or millis(c) < millis(oldest):
                 oldest = c
     return oldest
 
@@ -60,7 +56,7 @@ def unpersisted_age_ms(client: redis.Redis, stream: str) -> float:
     if oldest is None:
         return 0.0
     seconds, micros = client.time()
-    return max(0.0, seconds * 1000 + micros / 1000 - _id_ms(oldest))
+    return max(0.0, seconds * 1000 + micros / 1000 - millis(oldest))
 
 
 def make_backlog(stack: Stack, events: int, ledger: Ledger) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from service.devservers import ROOT, free_port, wait_for
+from service.dev.servers import ROOT, free_port, wait_for
 
 
 @dataclass

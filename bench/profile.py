@@ -21,7 +21,7 @@ from bench import fanout, wrk
 from bench.ledger import Ledger
 from bench.run import RESULTS, raise_open_files_limit
 from bench.stack import build_stack, make_keys
-from service.devservers import PostgresServer
+from service.dev.servers import PostgresServer
 
 
 def _function(frame: str) -> str:

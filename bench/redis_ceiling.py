@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from bench.stack import user_id
-from service.devservers import RedisServer
+from service.dev.servers import RedisServer
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings

@@ -22,7 +22,7 @@ from bench.naive_app import setup_database
 from bench.procs import Proc, http_server, uvicorn_args
 from bench.stack import Keys, Stack, build_stack, create_database, make_keys, user_id
 from bench.wrk import require_wrk
-from service.devservers import PostgresServer
+from service.dev.servers import PostgresServer
 from service.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,6 +1,6 @@
 """A production-like stack for one benchmark: Redis (the project's redis.conf), a Postgres
 database, provisioned users with RS256 tokens, `score-service serve --workers N` and the
-persister (`score-service worker`) when it exists."""
+persister (`score-service worker`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench.procs import Proc, http_server, spawn
-from persister.commands import COMMANDS
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer
+from service.dev.servers import PostgresServer, RedisServer
 from service.keys import KeySchema
 from service.users import provision_sync
 
@@ -78,11 +77,6 @@ def create_database(pg: PostgresServer, name: str) -> str:
     return url
 
 
-def persister_available() -> bool:
-    """True once `score-service worker` exists (issue 3)."""
-    return any(name == "worker" for name, _ in COMMANDS)
-
-
 @dataclass
 class Stack:
     name: str
@@ -105,16 +99,15 @@ class Stack:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.redis.url, socket_timeout=30)
 
-    def start_worker(self) -> bool:
-        """Start the persister if it exists; False when it does not (yet)."""
-        if self.worker is None and persister_available():
+    def start_worker(self) -> None:
+        """Start the persister (unless it runs)."""
+        if self.worker is None:
             self.worker = spawn(
                 f"{self.name}-worker",
                 [sys.executable, "-m", "service.cli", "worker"],
                 self.env,
                 self.directory / "worker.log",
             )
-        return self.worker is not None
 
     def stop_worker(self) -> None:
         if self.worker is not None:

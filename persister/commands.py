@@ -109,7 +109,7 @@ def _date(text: str) -> dt.datetime:
 
 def _worker(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Run the persister: an RQ worker (with its scheduler) that drains the events streams "
+        "Run the persister: an RQ worker that drains the events streams "
         "into Postgres, and sweeps every partition every few seconds."
     )
     p.add_argument(

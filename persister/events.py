@@ -144,9 +144,3 @@ def _usual(raw_id: bytes, flat: Sequence[bytes]) -> Event | None:
     if not user_id or not delta or key == "" or (total is not None and total < 0):
         return None
     return Event(raw_id.decode(), flat[1].decode(), user_id, delta, key, total)
-
-
-def stream_key(stream_id: str) -> tuple[int, int]:
-    """A stream id as a sortable (milliseconds, sequence) pair."""
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)

@@ -28,7 +28,7 @@ from persister.events import Batch, Event
 from persister.locks import flush_lock
 from persister.store import TRANSIENT, Store
 from persister.stream import EventStream
-from service.connections import sync_redis
+from service.connections import failed_again, sync_redis
 from service.keys import KeySchema, PartitionKeys
 from service.settings import Settings
 
@@ -43,14 +43,6 @@ MAX_FAILURES = 5
 BACKOFF = EqualJitterBackoff(cap=5.0, base=0.1)
 """Waits between attempts while a store is away: exponential, capped at 5 s, jittered (between
 half and all of the ceiling, so retries spread but never spin)."""
-MAX_DOUBLINGS = 16
-"""Failures are counted up to this: the cap is reached long before, and redis-py's backoff
-computes base * 2**failures, which no longer fits a float past ~1000 (a long outage)."""
-
-
-def failed_again(failures: int) -> int:
-    """The count of consecutive failures after one more (bounded, see MAX_DOUBLINGS)."""
-    return min(failures + 1, MAX_DOUBLINGS)
 
 
 @dataclass

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import redis
 
-from service.persister_lag import TIME_AT_KEY, WORKERS
+from service.keys import PERSISTER_WORKERS
+from service.persister_lag import TIME_AT_KEY
 
 FORGET_AFTER_MS = 3600 * 1000
 """A worker silent this long leaves the set (it only told readers that it was dead)."""
@@ -22,14 +23,14 @@ FORGET_AFTER_MS = 3600 * 1000
 
 def beat(client: redis.Redis, worker: str) -> None:
     """Record that `worker` is alive now (two round trips: Redis's time, then the beat)."""
-    seconds, micros = client.eval(TIME_AT_KEY, 1, WORKERS)
+    seconds, micros = client.eval(TIME_AT_KEY, 1, PERSISTER_WORKERS)
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     pipe = client.pipeline(transaction=False)
-    pipe.zadd(WORKERS, {worker: now_ms})
-    pipe.zremrangebyscore(WORKERS, "-inf", now_ms - FORGET_AFTER_MS)
+    pipe.zadd(PERSISTER_WORKERS, {worker: now_ms})
+    pipe.zremrangebyscore(PERSISTER_WORKERS, "-inf", now_ms - FORGET_AFTER_MS)
     pipe.execute()
 
 
 def forget(client: redis.Redis, worker: str) -> None:
     """Say that `worker` has stopped (readers count it out at once)."""
-    client.zrem(WORKERS, worker)
+    client.zrem(PERSISTER_WORKERS, worker)

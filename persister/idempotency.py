@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
-from persister.events import Event, stream_key
+from persister.events import Event
+from service import streamids
 from service.keys import KeySchema
 
 CHUNK = 10_000
@@ -113,7 +114,7 @@ def _of_event(event: Event) -> Record:
         event.idempotency_key,
         event.delta,
         event.total,
-        *stream_key(event.stream_id),
+        *streamids.order(event.stream_id),
     )
 
 
@@ -124,7 +125,7 @@ def _of_row(row: tuple[object, ...]) -> Record:
         str(key),
         int(delta),  # type: ignore[call-overload]
         int(total),  # type: ignore[call-overload]
-        *stream_key(str(stream_id)),
+        *streamids.order(str(stream_id)),
     )
 
 

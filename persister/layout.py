@@ -21,8 +21,8 @@ import time
 import psycopg
 import redis
 
-from persister.flush import BACKOFF, failed_again
-from service.connections import sync_redis
+from persister.flush import BACKOFF
+from service.connections import failed_again, sync_redis
 from service.keys import KeySchema
 from service.layout import (
     CHANGE_COMMAND,

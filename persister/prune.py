@@ -30,9 +30,8 @@ from dataclasses import dataclass
 import psycopg
 import redis
 
-from persister.events import stream_key
 from persister.idempotency import CLOCK_MARGIN_S
-from persister.unpersisted import EMPTY
+from service import streamids
 from service.connections import sync_redis
 from service.keys import KeySchema
 from service.progress import Progress, no_progress
@@ -117,7 +116,7 @@ def _oldest_held_ms(client: redis.Redis, schema: KeySchema) -> int | None:
     for keys in schema.all():
         pipe.xrange(keys.events, "-", "+", 1)
     firsts = [reply[0][0].decode() for reply in pipe.execute() if reply]
-    held = [stream_key(first)[0] for first in firsts if first != EMPTY]
+    held = [streamids.millis(first) for first in firsts if first != streamids.ZERO]
     return min(held) if held else None
 
 

@@ -51,7 +51,7 @@ from persister.unpersisted import Unpersisted, last_entry_id, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema, PartitionKeys
 from service.progress import Progress, no_progress
-from service.scripts import Swapped, SyncScripts
+from service.scripts import Swapped, SyncScripts, publish_top, swap_leaderboard
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ def _rebuild(
             if keys.index not in swapped:
                 _abandon(client, keys, token)
     for keys in schema.all():
-        scripts.publish_top(keys, settings.top_n)
+        scripts.run(publish_top(keys, settings.top_n))
     unpersisted = sum(w.count for w in waiting.values())
     return Rebuilt(users, unpersisted, replayed, calls, records, round(time.monotonic() - began, 3))
 
@@ -192,7 +192,7 @@ def _swap(
     (increments replayed, calls made)."""
     replayed = calls = 0
     while True:
-        step = resent(lambda: scripts.swap_leaderboard(keys, token, SWAP_CHUNK))
+        step = resent(lambda: scripts.run(swap_leaderboard(keys, token, SWAP_CHUNK)))
         replayed, calls = replayed + step.replayed, calls + 1
         progress("increments replayed", step.replayed)
         if step.swapped is not Swapped.NOT_YET:

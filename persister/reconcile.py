@@ -35,7 +35,7 @@ from persister.unpersisted import Unpersisted, last_entry_id, read_unpersisted
 from service.connections import sync_redis
 from service.keys import KeySchema
 from service.progress import Progress, no_progress, rate
-from service.scripts import SyncScripts
+from service.scripts import SyncScripts, publish_top, repair_scores
 from service.settings import Settings
 
 CHUNK = 1000
@@ -262,11 +262,10 @@ def _repair(client: redis.Redis, schema: KeySchema, drift: list[Drift], top_n: i
     for index, todo in sorted(corrections.items()):
         keys = schema.all()[index]
         for i in range(0, len(todo), CHUNK):
-            chunk = functools.partial(
-                scripts.repair, keys, uuid.uuid4().hex, REPAIR_MARK_TTL_S, todo[i : i + CHUNK]
-            )
-            resent(chunk)  # None when a lost reply's call had applied it: the same outcome
-        scripts.publish_top(keys, top_n)
+            call = repair_scores(keys, uuid.uuid4().hex, REPAIR_MARK_TTL_S, todo[i : i + CHUNK])
+            # None when a lost reply's call had applied it: the same outcome
+            resent(functools.partial(scripts.run, call))
+        scripts.run(publish_top(keys, top_n))
     return len(drift)
 
 

@@ -36,14 +36,14 @@ import psycopg
 import redis
 from redis.lock import Lock
 
-from persister.flush import BACKOFF, LOCK_WAIT_S, Persister, failed_again
+from persister.flush import BACKOFF, LOCK_WAIT_S, Persister
 from persister.layout import read_postgres, read_redis, write_postgres, write_redis
 from persister.locks import PersisterBusy
 from persister.rebuild import REBUILD_LOCK_TTL_S, REBUILD_WAIT_S, Rebuilt, rebuild
-from service.connections import sync_redis
-from service.keys import PartitionKeys
+from service.connections import failed_again, sync_redis
+from service.keys import PERSISTER_GROUP, PartitionKeys
 from service.layout import CHANGE_COMMAND, Layout, layout_of
-from service.persister_lag import PERSISTER_GROUP, Lag, read_lags_sync
+from service.persister_lag import Lag, read_lags_sync
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,8 @@ from typing import Any
 import redis
 
 from persister.events import Batch, Event, RawEntry, StreamEntry, parse_raw
-from service.keys import PartitionKeys
-from service.persister_lag import PERSISTER_GROUP
-from service.scripts import SyncScripts
+from service.keys import PERSISTER_GROUP, PartitionKeys
+from service.scripts import SyncScripts, forget_consumer, trim_events
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ class EventStream:
     def trim(self) -> None:
         """Trim the stream below the oldest entry not yet acknowledged: pending, or else not
         yet delivered. One atomic step: the read-ahead's XREADGROUP may run at any time."""
-        self._scripts.trim_events(self.keys)
+        self._scripts.run(trim_events(self.keys))
 
     def record_failure(self, event: Event) -> int:
         """Count one more refusal of `event` by Postgres; the count so far."""
@@ -155,7 +154,7 @@ class EventStream:
         for consumer in consumers:
             name = consumer["name"].decode()
             if name != self.consumer and not consumer["pending"] and consumer["idle"] >= idle_ms:
-                self._scripts.forget_consumer(self.keys, PERSISTER_GROUP, name, idle_ms)
+                self._scripts.run(forget_consumer(self.keys, PERSISTER_GROUP, name, idle_ms))
 
 
 def _entries(reply: Any) -> list[RawEntry]:

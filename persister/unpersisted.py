@@ -21,12 +21,11 @@ from typing import Any, cast
 import psycopg
 import redis
 
-from persister.events import Event, StreamEntry, parse_all, stream_key
-from service.keys import PartitionKeys
-from service.persister_lag import PERSISTER_GROUP
+from persister.events import Event, StreamEntry, parse_all
+from service.keys import PERSISTER_GROUP, PartitionKeys
+from service.streamids import ZERO, order
 
 PAGE = 10_000
-EMPTY = "0-0"
 
 KeepAlive = Callable[[], None]
 """Renews the persister's pause (raises if it was lost)."""
@@ -37,7 +36,7 @@ class Unpersisted:
     """One partition's unpersisted increments, up to the stream id `last_id`."""
 
     keys: PartitionKeys
-    last_id: str = EMPTY
+    last_id: str = ZERO
     deltas: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     count: int = 0
     keyed: list[Event] = field(default_factory=list)
@@ -53,7 +52,7 @@ class Unpersisted:
     def advance(self, client: redis.Redis, to_id: str, keep_alive: KeepAlive) -> None:
         """Add the entries appended after `last_id`, up to `to_id`: all are undelivered, since
         the persister is paused."""
-        if stream_key(to_id) <= stream_key(self.last_id):
+        if order(to_id) <= order(self.last_id):
             return
         for page in _pages(client, self.keys.events, "(" + self.last_id, to_id):
             self.add(parse_all(page)[0])
@@ -63,7 +62,7 @@ class Unpersisted:
 
 def last_entry_id(reply: Any) -> str:
     """The id in an `XREVRANGE events + - COUNT 1` reply ("0-0" for an empty stream)."""
-    return str(reply[0][0].decode()) if reply else EMPTY
+    return str(reply[0][0].decode()) if reply else ZERO
 
 
 def read_unpersisted(
@@ -83,20 +82,20 @@ def read_unpersisted(
     pipe.xpending(keys.events, PERSISTER_GROUP)
     last, groups, summary = pipe.execute(raise_on_error=False)
     result = Unpersisted(keys, up_to or last_entry_id(last))
-    if result.last_id == EMPTY:
+    if result.last_id == ZERO:
         return result
     group = None
     if not isinstance(groups, Exception):
         group = next((g for g in groups if g["name"].decode() == PERSISTER_GROUP), None)
-    delivered = EMPTY if group is None else group["last-delivered-id"].decode()
+    delivered = ZERO if group is None else group["last-delivered-id"].decode()
     pending: set[str] = set()
     if group is not None and summary["pending"]:
         pending = _pending_ids(client, keys)
-    start = min(pending, key=stream_key) if pending else "(" + delivered
+    start = min(pending, key=order) if pending else "(" + delivered
     candidates: list[Event] = []
     for page in _pages(client, keys.events, start, result.last_id):
         for event in parse_all(page)[0]:
-            if event.stream_id in pending or stream_key(event.stream_id) > stream_key(delivered):
+            if event.stream_id in pending or order(event.stream_id) > order(delivered):
                 candidates.append(event)
         keep_alive()
     result.add(_not_in_ledger(conn, candidates))

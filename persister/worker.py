@@ -1,8 +1,9 @@
-"""`score-service worker`: the RQ worker that runs the persister's jobs, with its scheduler.
+"""`score-service worker`: the RQ worker that runs the persister's jobs.
 
 - RQ's SimpleWorker: jobs run in this process, which keeps its Postgres connection from one
   flush to the next (a work horse forked per job would connect again for every flush).
-- `with_scheduler=True`: RQ's scheduler runs beside it (a child process), for delayed jobs.
+- No RQ scheduler (the child process RQ forks for delayed and retried jobs): every job here
+  is enqueued to run at once, by the service or by the cron thread below.
 - RQ's cron (`rq.cron.CronScheduler`) enqueues the sweep every SWEEP_INTERVAL_S from a thread
   of this process, so the sweep lives and dies with the worker. Several workers each enqueue
   their own sweeps; a sweep that finds a partition being flushed skips it.
@@ -28,8 +29,8 @@ from rq import SimpleWorker
 from rq.cron import CronScheduler
 
 from persister import heartbeat, jobs, layout
-from persister.flush import BACKOFF, failed_again
-from service.connections import check_redis_sync, queue_redis, sync_redis
+from persister.flush import BACKOFF
+from service.connections import check_redis, failed_again, queue_redis, sync_redis
 from service.persister_lag import HEARTBEAT_S
 from service.settings import Settings
 
@@ -98,7 +99,7 @@ def run(settings: Settings) -> int:
                     [jobs.QUEUE], connection=connection, log_job_description=False
                 )
                 worker.stop = stop
-                worker.work(with_scheduler=True, logging_level=quiet)
+                worker.work(logging_level=quiet)
             except Exception as exc:  # Redis away (RQ's own bookkeeping raises): start again
                 log.warning("the RQ worker failed: %s: %s", type(exc).__name__, exc)
             finally:
@@ -138,7 +139,7 @@ def _wait_for_redis(settings: Settings, stop: threading.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                check_redis_sync(client)
+                check_redis(client)
                 return
             except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
                 failures = failed_again(failures)

@@ -19,7 +19,6 @@ import psycopg_pool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.auth import AuthError
 from service.context import Context
 from service.errors import ApiError
 from service.models import (
@@ -32,12 +31,11 @@ from service.models import (
     encoder,
     users_request_decoder,
 )
-from service.redis_errors import RETRY_AFTER_S, redis_unavailable, refuse_until_ready
-from service.scores import (
-    BEARER_CHALLENGE,
+from service.redis_errors import RETRY_AFTER_S, not_ready, redis_unavailable, refuse_until_ready
+from service.requests import (
     IDEMPOTENCY_KEY,
+    authenticate,
     decode_json,
-    not_ready,
     read_body,
     refuse_declared_oversize,
 )
@@ -60,10 +58,7 @@ async def _admin_body(request: Request) -> tuple[Context, bytes]:
     """The context and the body of a request made with an admin token; 401/403 otherwise."""
     ctx: Context = request.app.state.ctx
     refuse_declared_oversize(request, MAX_BODY_BYTES)
-    try:
-        principal = await ctx.auth.authenticate(request.headers.get("authorization"))
-    except AuthError as exc:
-        raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
+    principal = await authenticate(ctx, request)
     if not principal.admin:
         raise ApiError(403, f"the admin API needs a token with the scope {ADMIN_SCOPE!r}")
     return ctx, await read_body(request, MAX_BODY_BYTES)

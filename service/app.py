@@ -18,18 +18,18 @@ from service.admin import post_scores, post_users
 from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
 from service.batching import Replication
-from service.broadcast import Broadcaster
 from service.concurrency import ConcurrencyLimit
-from service.connections import async_redis, check_redis
+from service.connections import async_redis, refuse_evicting_redis
 from service.context import Context, FlushRequester
 from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
-from service.going_away import CloseWhileDraining, hook_shutdown_signals
 from service.health import healthz, metrics, process_exits, readyz
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
 from service.layout import problem as layout_problem
-from service.live import live_routes
+from service.live.broadcast import Broadcaster
+from service.live.endpoints import live_routes
+from service.live.going_away import CloseWhileDraining, hook_shutdown_signals
 from service.openapi import OPENAPI_PATH, openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
@@ -59,8 +59,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(refuse_evicting_redis, settings)
         client = async_redis(settings)
-        await check_redis(client)
         pg = AsyncConnectionPool(
             settings.database_url,
             min_size=1,

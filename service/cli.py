@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http="httptools",
             # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
             # transport the live leaderboard can reach to write its pre-framed frames to
-            # (service/subscribers.py). No permessage-deflate: a zlib context per connection
+            # (service/live/subscribers.py). No permessage-deflate: a zlib context per connection
             # costs tens of KB and compresses every frame once per client instead of once.
             ws="websockets-sansio",
             ws_per_message_deflate=False,
@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
             access_log=False,  # uvicorn's: ours is SCORE_ACCESS_LOG (service/request_id.py)
-            # After SIGTERM's grace period (service/going_away.py): requests in flight get this
+            # After SIGTERM's grace period (service/live/going_away.py): requests in flight get this
             # long to finish; then they are cancelled.
             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
             # An idle keep-alive connection is closed after this long (uvicorn's default).
@@ -189,7 +189,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     import psycopg
 
     from persister.layout import ensure
-    from service.connections import check_redis_sync, sync_redis
+    from service.connections import check_redis, sync_redis
     from service.keys import KeySchema
     from service.progress import Meter, rate
     from service.users import provision_all
@@ -205,7 +205,7 @@ def cmd_users(args: argparse.Namespace) -> int:
             total = len(ids)
         client = sync_redis(settings)
         stack.callback(client.close)
-        check_redis_sync(client)
+        check_redis(client)
         ensure(settings)
         meter = stack.enter_context(Meter("users"))
         meter.expect("users provisioned", total)
@@ -253,7 +253,7 @@ def cmd_partitions(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     from service.auth import mint
-    from service.dev import DEV_HS256_FILE
+    from service.dev.quickstart import DEV_HS256_FILE
 
     (user_id,) = read_user_ids([args.user_id])
     env = dict(os.environ)
@@ -269,7 +269,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from service.dev import run_dev
+    from service.dev.quickstart import run_dev
 
     return run_dev(Path(args.data), port=args.port, demo=args.demo, redis_kind=args.redis)
 

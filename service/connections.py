@@ -153,6 +153,16 @@ def _retries(reads_only: bool) -> int:
     return 1 if reads_only else NO_RETRY
 
 
+MAX_DOUBLINGS = 16
+"""Failures are counted up to this for a backoff: its cap is reached long before, and redis-py's
+backoffs compute base * 2**failures, which no longer fits a float past ~1000 (a long outage)."""
+
+
+def failed_again(failures: int) -> int:
+    """The count of consecutive failures after one more (bounded, see MAX_DOUBLINGS)."""
+    return min(failures + 1, MAX_DOUBLINGS)
+
+
 def eviction_problem(info: dict[str, Any]) -> str | None:
     """Why a Redis with this `INFO memory` could lose our keys, or None if it cannot."""
     policy = info.get("maxmemory_policy")
@@ -166,36 +176,23 @@ def eviction_problem(info: dict[str, Any]) -> str | None:
     return None
 
 
-def check_redis_sync(client: redis.Redis) -> None:
+def check_redis(client: redis.Redis) -> None:
     """Refuse a Redis that could evict our keys (ConfigError)."""
     problem = eviction_problem(client.info("memory"))
     if problem:
         raise ConfigError(problem)
 
 
-async def check_redis(client: aioredis.Redis) -> None:
-    """In the app's startup: ConfigError for a Redis that could evict our keys (the app may
-    run under another server than `score-service serve`, which checked already). A Redis not
-    reachable yet is left to readiness."""
-    try:
-        info = await client.info("memory")
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
-        return
-    problem = eviction_problem(info)
-    if problem:
-        raise ConfigError(problem)
-
-
 def refuse_evicting_redis(settings: Settings) -> None:
-    """Before serving: ConfigError for a Redis that could evict our keys.
+    """Before serving (`serve`, and the app's startup: it may run under another server):
+    ConfigError for a Redis that could evict our keys.
 
     A Redis that is not reachable yet is not refused: the service starts, reports
     "unavailable" on /readyz and answers 503 until Redis is up.
     """
     client = sync_redis(settings, socket_timeout=2.0, socket_connect_timeout=1.0)
     try:
-        check_redis_sync(client)
+        check_redis(client)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
@@ -28,5 +28,4 @@ class Context:
     request_flush: FlushRequester | None = None
     ready: bool = False
     not_ready_reason: str = "starting"
-    draining: bool = False  # SIGTERM: shutting down (service.going_away); /readyz answers 503
-    extras: dict[str, object] = field(default_factory=dict)
+    draining: bool = False  # SIGTERM: shutting down (service.live.going_away); /readyz answers 503

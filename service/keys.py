@@ -27,6 +27,11 @@ KEY_SCHEME = 2
 OPERATOR_KEY_PREFIX = "operator "
 """Prefixes an operator's Idempotency-Key in its stored form. It holds a space, which no
 player's key (1-200 printable ASCII characters, no space) can: the two never meet."""
+PERSISTER_GROUP = "persister"
+"""The consumer group of the persister on every events stream."""
+PERSISTER_WORKERS = f"{PREFIX}:persister:workers"
+"""ZSET of persister workers (`host:pid`) -> their last heartbeat, in ms on Redis's clock
+(persister/heartbeat.py). No hash tag: read by /readyz and the worker's health check only."""
 
 
 @cache

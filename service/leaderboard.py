@@ -9,9 +9,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 
+from service import streamids
 from service.models import Entry, Leaderboard
 
-EMPTY_VERSION = "0-0"
 Row = tuple[str, int]  # (user_id, score)
 
 
@@ -49,12 +49,8 @@ def combined(versions: Iterable[str]) -> str:
     the clocks of the primaries that hold them, and every service process derives the same
     version from the same state. One partition: its stream id itself.
     """
-    ms_sum = seq_sum = 0
-    for v in versions:
-        ms, _, seq = v.partition("-")
-        ms_sum += int(ms)
-        seq_sum += int(seq or 0)
-    return f"{ms_sum}-{seq_sum}"
+    orders = [streamids.order(v) for v in versions]
+    return f"{sum(ms for ms, _ in orders)}-{sum(seq for _, seq in orders)}"
 
 
 def build(versions: Iterable[str], parts: Iterable[list[Row]], limit: int) -> Leaderboard:

@@ -20,7 +20,6 @@ UserId = Annotated[
         description="The user's unique identifier (1-128 printable characters).",
     ),
 ]
-Score = Annotated[int, msgspec.Meta(ge=0, le=MAX_SCORE)]
 
 
 class ScoreUpdate(msgspec.Struct, forbid_unknown_fields=True):

@@ -21,7 +21,8 @@ from service.admin import MAX_BODY_BYTES as ADMIN_MAX_BODY_BYTES
 from service.asyncapi import ASYNCAPI_PATH
 from service.concurrency import UNCOUNTED
 from service.health import Readiness
-from service.scores import IDEMPOTENCY_KEY, MAX_BODY_BYTES
+from service.requests import IDEMPOTENCY_KEY
+from service.scores import MAX_BODY_BYTES
 
 OPENAPI_PATH = "/openapi.json"
 

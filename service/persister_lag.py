@@ -16,15 +16,10 @@ import redis.asyncio as aioredis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector
 
+from service import streamids
 from service.context import Context
-from service.keys import PREFIX, PartitionKeys
+from service.keys import PERSISTER_GROUP, PERSISTER_WORKERS, PartitionKeys
 
-PERSISTER_GROUP = "persister"
-"""The consumer group of the persister on every events stream."""
-
-WORKERS = f"{PREFIX}:persister:workers"
-"""ZSET of persister workers (`host:pid`) -> their last heartbeat, in ms on Redis's clock
-(persister/heartbeat.py). No hash tag: read by /readyz and the worker's health check only."""
 HEARTBEAT_S = 2.0
 """A running worker beats this often."""
 HEARTBEAT_FRESH_S = 10.0
@@ -57,12 +52,15 @@ class Lag:
 TIME_AT_KEY = "return redis.call('TIME')"
 
 
-def _queue_reads(pipe: Any, keys: PartitionKeys) -> None:
-    pipe.execute_command("EVAL", TIME_AT_KEY, 1, keys.events)
-    pipe.xlen(keys.events)
-    pipe.xinfo_groups(keys.events)
-    pipe.xpending(keys.events, PERSISTER_GROUP)
-    pipe.hgetall(keys.persist_stats)
+def _queue_reads(pipe: Any, parts: Sequence[PartitionKeys]) -> Any:
+    """The first round trip, on `pipe` (a blocking or an asyncio client's)."""
+    for keys in parts:
+        pipe.execute_command("EVAL", TIME_AT_KEY, 1, keys.events)
+        pipe.xlen(keys.events)
+        pipe.xinfo_groups(keys.events)
+        pipe.xpending(keys.events, PERSISTER_GROUP)
+        pipe.hgetall(keys.persist_stats)
+    return pipe
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +82,7 @@ class _Reads:
         oldest_id = self.oldest_pending or first_undelivered
         age = 0.0
         if oldest_id is not None:
-            age = max(0.0, self.now_s - int(oldest_id.split("-")[0]) / 1000)
+            age = max(0.0, self.now_s - streamids.millis(oldest_id) / 1000)
         undelivered = 0  # nothing after the last delivered entry: no estimate can say more
         if first_undelivered is not None:
             undelivered = min(max(self.undelivered, 1), self.most_undelivered)
@@ -155,32 +153,28 @@ def _lags(
 
 def read_lags_sync(client: redis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
     """The lag of each partition, in two pipelined round trips at most (blocking client)."""
-    pipe = client.pipeline(transaction=False)
-    for keys in parts:
-        _queue_reads(pipe, keys)
-    reads = _first_round(pipe.execute(raise_on_error=False), len(parts))
-    pipe = client.pipeline(transaction=False)
-    asked = _queue_first_undelivered(pipe, parts, reads)
-    return _lags(parts, reads, asked, pipe.execute() if asked else [])
+    first = _queue_reads(client.pipeline(transaction=False), parts)
+    reads = _first_round(first.execute(raise_on_error=False), len(parts))
+    second = client.pipeline(transaction=False)
+    asked = _queue_first_undelivered(second, parts, reads)
+    return _lags(parts, reads, asked, second.execute() if asked else [])
 
 
 async def read_lags(client: aioredis.Redis, parts: Sequence[PartitionKeys]) -> list[Lag]:
     """The lag of each partition, in two pipelined round trips at most (asyncio client)."""
-    pipe = client.pipeline(transaction=False)
-    for keys in parts:
-        _queue_reads(pipe, keys)
-    reads = _first_round(await pipe.execute(raise_on_error=False), len(parts))
-    pipe = client.pipeline(transaction=False)
-    asked = _queue_first_undelivered(pipe, parts, reads)
-    return _lags(parts, reads, asked, await pipe.execute() if asked else [])
+    first = _queue_reads(client.pipeline(transaction=False), parts)
+    reads = _first_round(await first.execute(raise_on_error=False), len(parts))
+    second = client.pipeline(transaction=False)
+    asked = _queue_first_undelivered(second, parts, reads)
+    return _lags(parts, reads, asked, await second.execute() if asked else [])
 
 
 async def live_workers(client: aioredis.Redis) -> list[str]:
     """The persister workers (`host:pid`) whose heartbeat is fresh, by Redis's clock: one
     round trip."""
     pipe = client.pipeline(transaction=False)
-    pipe.eval(TIME_AT_KEY, 1, WORKERS)
-    pipe.zrange(WORKERS, 0, -1, withscores=True)
+    pipe.eval(TIME_AT_KEY, 1, PERSISTER_WORKERS)
+    pipe.zrange(PERSISTER_WORKERS, 0, -1, withscores=True)
     (seconds, micros), beats = await pipe.execute()
     oldest_ms = (int(seconds) + int(micros) / 1e6 - HEARTBEAT_FRESH_S) * 1000
     return [_text(worker) for worker, at_ms in beats if at_ms >= oldest_ms]

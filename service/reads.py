@@ -14,8 +14,7 @@ from service.context import Context
 from service.errors import ApiError
 from service.leaderboard import build
 from service.models import Leaderboard, UserId, UserScore, encoder
-from service.redis_errors import redis_unavailable, refuse_until_ready
-from service.scores import not_ready
+from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
 from service.tops import read_tops
 
 

@@ -87,3 +87,13 @@ def refuse_until_ready(ctx: Context) -> None:
             f"the service is not ready ({ctx.not_ready_reason or 'starting'}); retry shortly",
             {"Retry-After": str(RETRY_AFTER_S)},
         )
+
+
+def not_ready() -> ApiError:
+    """503 for a NOT_READY reply: the partition's ready marker is gone (Redis lost its data)
+    and the service is rebuilding it; an existing user must not be told 404 meanwhile."""
+    return ApiError(
+        503,
+        "the service is not ready (rebuilding Redis from Postgres); retry shortly",
+        {"Retry-After": str(RETRY_AFTER_S)},
+    )

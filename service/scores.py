@@ -7,22 +7,25 @@ user existence (404) and range (400). Nothing is written unless every check pass
 
 from __future__ import annotations
 
-import asyncio
 import math
-import re
 import time
-from typing import TypeVar
 
 import msgspec
 from prometheus_client import Counter, Histogram
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
-from service.auth import AuthError
 from service.context import Context
 from service.errors import ApiError
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import RETRY_AFTER_S, redis_unavailable, refuse_until_ready
+from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
+from service.requests import (
+    authenticate,
+    decode_json,
+    idempotency_key,
+    read_body,
+    refuse_declared_oversize,
+)
 from service.scripts import Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
 
@@ -46,86 +49,6 @@ REDIS_LATENCY = Histogram(
 )
 
 MAX_BODY_BYTES = 4096
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
-BEARER_CHALLENGE = 'Bearer realm="score-service", error="invalid_token"'
-T = TypeVar("T")
-_JSON_TYPES = ("application/json", "application/problem+json")
-
-
-def refuse_declared_oversize(request: Request, limit: int = MAX_BODY_BYTES) -> None:
-    """413 when the declared Content-Length is over `limit`: the first check, before the
-    token, so a large body is refused without reading it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body must be at most {limit} bytes")
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body (after the token check), 400 for a malformed Content-Length, 413 as
-    soon as it is known to be larger than `limit`, 408 (and the connection closed) unless
-    the whole body arrives within SCORE_BODY_TIMEOUT_S.
-
-    A chunked body is counted as it arrives, so no body larger than `limit` is ever held in
-    memory; a client that sends its headers and then trickles or stops holds its request
-    for that long at most.
-    """
-    ctx: Context = request.app.state.ctx
-    timeout_s = ctx.settings.body_timeout_s
-    try:
-        async with asyncio.timeout(timeout_s):
-            return await _read_body(request, limit)
-    except TimeoutError:
-        raise ApiError(
-            408,
-            f"the request body did not arrive within {timeout_s:g}s (SCORE_BODY_TIMEOUT_S)",
-            {"Connection": "close"},  # the rest of the body may still come: no next request
-        ) from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = ApiError(413, f"the request body must be at most {limit} bytes")
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not (declared.isascii() and declared.isdigit()):
-            raise ApiError(400, "the Content-Length header is not a number of bytes")
-        if int(declared) > limit:
-            raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before sending the whole body") from None
-    return bytes(body)
-
-
-def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
-    """Decode and validate a JSON body; 415/400 with msgspec's explanation on failure."""
-    content_type = request.headers.get("content-type", "application/json")
-    if content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
-        raise ApiError(415, f"send the body as application/json, not {content_type!r}")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise ApiError(400, f"invalid request body: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "the request body is not valid UTF-8") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-
-
-def not_ready() -> ApiError:
-    """503 for a NOT_READY reply: the partition's ready marker is gone (Redis lost its data)
-    and the service is rebuilding it; an existing user must not be told 404 meanwhile."""
-    return ApiError(
-        503,
-        "the service is not ready (rebuilding Redis from Postgres); retry shortly",
-        {"Retry-After": str(RETRY_AFTER_S)},
-    )
 
 
 def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
@@ -159,20 +82,15 @@ async def post_score(request: Request) -> Response:
 
 async def _post_score(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
-    refuse_declared_oversize(request)
-    try:
-        principal = await ctx.auth.authenticate(request.headers.get("authorization"))
-    except AuthError as exc:
-        raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
-    body = await read_body(request)
+    refuse_declared_oversize(request, MAX_BODY_BYTES)
+    principal = await authenticate(ctx, request)
+    body = await read_body(request, MAX_BODY_BYTES)
     update: ScoreUpdate = decode_json(request, body, score_update_decoder)
     if update.score_increase > ctx.settings.max_increase:
         raise ApiError(
             400, f"score_increase must be at most {ctx.settings.max_increase} (SCORE_MAX_INCREASE)"
         )
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-        raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters")
+    key = idempotency_key(request)
     if principal.user_id != update.user_id:
         raise ApiError(403, "the token belongs to another user than the body's user_id")
 
@@ -181,7 +99,7 @@ async def _post_score(request: Request) -> Response:
         ctx.schema,
         update.user_id,
         update.score_increase,
-        idempotency_key=idempotency_key,
+        idempotency_key=key,
     )
     refuse_until_ready(ctx)
     async with redis_unavailable():

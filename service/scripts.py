@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import redis
@@ -28,6 +29,7 @@ _NAME = re.compile(r"^(?P<name>[a-z_]+)-(?P<keys>\d+)\.lua$")
 
 TOP_STREAM_MAXLEN = 1000
 FLUSH_FLAG_TTL_S = 10
+T = TypeVar("T")
 
 
 class Status(IntEnum):
@@ -66,21 +68,35 @@ class LuaSource:
 
 
 @cache
-def load(name: str) -> LuaSource:
-    """Read `lua/<name>-<N>.lua` and its key count N."""
-    for path in LUA_DIR.glob(f"{name}-*.lua"):
+def _sources() -> dict[str, LuaSource]:
+    """Every script of lua/, by name (read once)."""
+    found = {}
+    for path in sorted(LUA_DIR.glob("*.lua")):
         m = _NAME.match(path.name)
-        if m and m.group("name") == name:
-            return LuaSource(name, int(m.group("keys")), path.read_text())
-    raise FileNotFoundError(f"no lua/{name}-N.lua")
+        if m:
+            found[m.group("name")] = LuaSource(
+                m.group("name"), int(m.group("keys")), path.read_text()
+            )
+    return found
+
+
+def load(name: str) -> LuaSource:
+    """The script `lua/<name>-<N>.lua`, with its key count N."""
+    try:
+        return _sources()[name]
+    except KeyError:
+        raise FileNotFoundError(f"no lua/{name}-N.lua") from None
 
 
 @dataclass(frozen=True, slots=True)
-class Submit:
-    """A prepared submit_score call: its keys and arguments."""
+class Call(Generic[T]):
+    """One prepared call of a script: its keys and arguments, and how to read its reply.
+    Built by the functions below, run by `SyncScripts.run` or `Scripts.run`/`Scripts.submit`."""
 
+    script: str
     keys: list[str]
     args: list[str | int]
+    reply: Callable[[Any], T]
 
 
 def prepare_submit(
@@ -91,8 +107,8 @@ def prepare_submit(
     *,
     idempotency_key: str | None = None,
     operator: bool = False,
-) -> Submit:
-    """Keys and arguments for one increment.
+) -> Call[SubmitResult]:
+    """submit_score: keys and arguments for one increment.
 
     Its event id is random, with or without an Idempotency-Key: a key may be used again once
     its record has expired, and that is another increment, another ledger row. A retry that
@@ -122,7 +138,7 @@ def prepare_submit(
         TOP_STREAM_MAXLEN,
         FLUSH_FLAG_TTL_S,
     ]
-    return Submit(keys, args)
+    return Call("submit_score", keys, args, parse_submit)
 
 
 def parse_submit(reply: list[Any]) -> SubmitResult:
@@ -157,19 +173,84 @@ class SwapStep(msgspec.Struct, frozen=True):
     scanned: int
 
 
+def publish_top(keys: PartitionKeys, top_n: int) -> Call[str]:
+    """Append the partition's current top-N to its top stream; the new version."""
+    return Call("publish_top", [keys.leaderboard, keys.top], [top_n, TOP_STREAM_MAXLEN], _text)
+
+
+def provision_users(keys: PartitionKeys, user_ids: list[str]) -> Call[int]:
+    """Add users at 0 to the partition's leaderboard (and to the rebuilt one while a rebuild
+    runs); how many were new."""
+    call = [keys.leaderboard, keys.rebuilt_leaderboard, keys.rebuild_progress]
+    return Call("provision_users", call, list(user_ids), int)
+
+
+def swap_leaderboard(keys: PartitionKeys, token: str, chunk: int) -> Call[SwapStep]:
+    """Replay up to `chunk` increments accepted during rebuild `token` onto the partition's
+    rebuilt leaderboard; once caught up, swap it in and set the ready marker. Safe to call
+    again after a lost reply."""
+    call = [keys.rebuilt_leaderboard, keys.leaderboard, keys.events, keys.rebuild_progress,
+            keys.ready]  # fmt: skip
+    return Call("swap_leaderboard", call, [token, chunk], _swap_step)
+
+
+def _swap_step(reply: list[Any]) -> SwapStep:
+    swapped, replayed, scanned = reply
+    return SwapStep(Swapped(swapped), int(replayed), int(scanned))
+
+
+def repair_scores(
+    keys: PartitionKeys, token: str, ttl_s: int, corrections: list[tuple[str, str, int]]
+) -> Call[int | None]:
+    """Apply (op, user_id, value) corrections to the partition's leaderboard once per
+    `token`: the number applied, or None if that token's were applied already."""
+    args: list[str | int] = [ttl_s]
+    for op, user_id, value in corrections:
+        args += [op, user_id, value]
+    return Call("repair_scores", [keys.leaderboard, keys.repair_applied(token)], args, _applied)
+
+
+def _applied(reply: Any) -> int | None:
+    applied = int(reply)
+    return None if applied < 0 else applied
+
+
+def trim_events(keys: PartitionKeys) -> Call[int]:
+    """Trim the partition's events stream below the oldest entry a consumer group still
+    needs (one atomic step); the number of entries trimmed."""
+    return Call("trim_events", [keys.events], [], int)
+
+
+def forget_consumer(keys: PartitionKeys, group: str, consumer: str, idle_ms: int) -> Call[bool]:
+    """Delete `consumer` of the events stream's `group` if it holds no pending entry and
+    has been idle for `idle_ms` (one atomic step); whether it was deleted."""
+    return Call("forget_consumer", [keys.events], [group, consumer, idle_ms], bool)
+
+
+class SyncScripts:
+    """The scripts on a blocking client (CLI, persister, tests)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._scripts = _register(client)
+
+    def run(self, call: Call[T]) -> T:
+        """Run `call` (EVALSHA, reloading the script after a Redis restart)."""
+        return call.reply(self._scripts[call.script](call))
+
+
 class Scripts:
-    """The project's scripts registered on one asyncio Redis client."""
+    """The scripts on the service's asyncio client."""
 
     def __init__(self, client: aioredis.Redis, replication: Replication = NO_WAIT) -> None:
-        self._submit = _Registered("submit_score", client)
-        self._publish = _Registered("publish_top", client)
-        self._provision = _Registered("provision_users", client)
+        self._scripts = _register(client)
+        self._submit = self._scripts["submit_score"]
         # The submits of all concurrent requests share one round trip (service/batching.py).
         self._pipeline = auto_pipeline(client, SOCKET_TIMEOUT_S, replication)
 
-    async def submit(self, call: Submit) -> SubmitResult:
-        """Run submit_score (EVALSHA, reloading the script after a Redis restart). Sent
-        once: a lost reply is a ConnectionError, and the increment may have been counted."""
+    async def submit(self, call: Call[SubmitResult]) -> SubmitResult:
+        """Run submit_score (EVALSHA, reloading the script after a Redis restart), batched
+        with the other requests' (the hot path). Sent once: a lost reply is a
+        ConnectionError, and the increment may have been counted."""
         keys = self._submit.checked(call.keys)
         if self._pipeline is None:  # a fake client (tests)
             return parse_submit(await self._submit.script(keys=keys, args=call.args))
@@ -183,75 +264,9 @@ class Scripts:
             reply = await self._pipeline.execute("EVAL", body, len(keys), *keys, *call.args)
         return parse_submit(reply)
 
-    async def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
-        """Append the partition's current top-N to its top stream; the new version."""
-        return _text(await self._publish.script(**_publish_call(self._publish, keys, top_n)))
-
-    async def provision(self, keys: PartitionKeys, user_ids: list[str]) -> int:
-        """Add users at 0 to the partition's leaderboard (and to the rebuilt one while a rebuild
-        runs); how many were new."""
-        return int(await self._provision.script(**_provision_call(self._provision, keys, user_ids)))
-
-
-class SyncScripts:
-    """The same scripts on a blocking client (CLI, persister, tests)."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self._submit = _Registered("submit_score", client)
-        self._publish = _Registered("publish_top", client)
-        self._swap = _Registered("swap_leaderboard", client)
-        self._provision = _Registered("provision_users", client)
-        self._repair = _Registered("repair_scores", client)
-        self._trim = _Registered("trim_events", client)
-        self._forget = _Registered("forget_consumer", client)
-
-    def submit(self, call: Submit) -> SubmitResult:
-        """Run submit_score (EVALSHA, reloading the script after a Redis restart)."""
-        reply = self._submit.script(keys=self._submit.checked(call.keys), args=call.args)
-        return parse_submit(reply)
-
-    def publish_top(self, keys: PartitionKeys, top_n: int) -> str:
-        """Append the partition's current top-N to its top stream; the new version."""
-        return _text(self._publish.script(**_publish_call(self._publish, keys, top_n)))
-
-    def swap_leaderboard(self, keys: PartitionKeys, token: str, chunk: int) -> SwapStep:
-        """Replay up to `chunk` increments accepted during rebuild `token` onto the partition's
-        rebuilt leaderboard; once caught up, swap it in and set the ready marker. Safe to call
-        again after a lost reply."""
-        call = self._swap.checked(
-            [keys.rebuilt_leaderboard, keys.leaderboard, keys.events, keys.rebuild_progress,
-             keys.ready]
-        )  # fmt: skip
-        swapped, replayed, scanned = self._swap.script(keys=call, args=[token, chunk])
-        return SwapStep(Swapped(swapped), int(replayed), int(scanned))
-
-    def provision(self, keys: PartitionKeys, user_ids: list[str]) -> int:
-        """Add users at 0 to the partition's leaderboard (and to the rebuilt one while a rebuild
-        runs); how many were new."""
-        return int(self._provision.script(**_provision_call(self._provision, keys, user_ids)))
-
-    def repair(
-        self, keys: PartitionKeys, token: str, ttl_s: int, corrections: list[tuple[str, str, int]]
-    ) -> int | None:
-        """Apply (op, user_id, value) corrections to the partition's leaderboard once per
-        `token`: the number applied, or None if that token's were applied already."""
-        args: list[str | int] = [ttl_s]
-        for op, user_id, value in corrections:
-            args += [op, user_id, value]
-        call = self._repair.checked([keys.leaderboard, keys.repair_applied(token)])
-        applied = int(self._repair.script(keys=call, args=args))
-        return None if applied < 0 else applied
-
-    def trim_events(self, keys: PartitionKeys) -> int:
-        """Trim the partition's events stream below the oldest entry a consumer group still
-        needs (one atomic step); the number of entries trimmed."""
-        return int(self._trim.script(keys=self._trim.checked([keys.events])))
-
-    def forget_consumer(self, keys: PartitionKeys, group: str, consumer: str, idle_ms: int) -> bool:
-        """Delete `consumer` of the events stream's `group` if it holds no pending entry and
-        has been idle for `idle_ms` (one atomic step); whether it was deleted."""
-        call = self._forget.checked([keys.events])
-        return bool(self._forget.script(keys=call, args=[group, consumer, idle_ms]))
+    async def run(self, call: Call[T]) -> T:
+        """Run `call` on its own (off the hot path), like `SyncScripts.run`."""
+        return call.reply(await self._scripts[call.script](call))
 
 
 class _Registered:
@@ -268,19 +283,14 @@ class _Registered:
             raise ValueError(f"{self.name} takes {self.numkeys} keys, got {len(keys)}")
         return keys
 
-
-def _publish_call(script: _Registered, keys: PartitionKeys, top_n: int) -> dict[str, Any]:
-    return {
-        "keys": script.checked([keys.leaderboard, keys.top]),
-        "args": [top_n, TOP_STREAM_MAXLEN],
-    }
+    def __call__(self, call: Call[Any]) -> Any:
+        """Send `call`: its raw reply (an awaitable on an asyncio client)."""
+        return self.script(keys=self.checked(call.keys), args=call.args)
 
 
-def _provision_call(
-    script: _Registered, keys: PartitionKeys, user_ids: list[str]
-) -> dict[str, Any]:
-    call = [keys.leaderboard, keys.rebuilt_leaderboard, keys.rebuild_progress]
-    return {"keys": script.checked(call), "args": user_ids}
+def _register(client: redis.Redis | aioredis.Redis) -> dict[str, _Registered]:
+    """Every script of lua/, registered on `client` (loaded into Redis by its first call)."""
+    return {name: _Registered(name, client) for name in _sources()}
 
 
 def _text(value: bytes | str) -> str:

@@ -89,7 +89,7 @@ class Settings:
     live_max_message_bytes: int = 1024
     # Persister
     persist_batch: int = 20_000
-    # Serving: shutdown, slow clients, proxies (service/going_away.py, service/concurrency.py)
+    # Serving: shutdown, slow clients, proxies (service/live/going_away.py, service/concurrency.py)
     shutdown_grace_s: float = 5.0
     body_timeout_s: float = 5.0
     max_concurrency: int = 1000

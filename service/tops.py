@@ -15,8 +15,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from service import streamids
 from service.keys import KeySchema
-from service.leaderboard import EMPTY_VERSION, Row, rows_from_fields
+from service.leaderboard import Row, rows_from_fields
 
 
 @dataclass(slots=True)
@@ -47,6 +48,6 @@ async def read_tops(client: aioredis.Redis, schema: KeySchema, top_n: int) -> To
             tops.rows.append(rows_from_fields([x for kv in fields.items() for x in kv]))
         else:
             zset: list[Any] = await client.zrange(p.leaderboard, 0, top_n - 1, withscores=True)
-            tops.versions.append(EMPTY_VERSION)
+            tops.versions.append(streamids.ZERO)
             tops.rows.append([(u.decode(), -int(s)) for u, s in zset])
     return tops

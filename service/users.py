@@ -20,9 +20,9 @@ from collections.abc import Iterable, Sequence
 import psycopg
 import redis
 
-from service.keys import KeySchema
+from service.keys import KeySchema, PartitionKeys
 from service.progress import Progress, no_progress
-from service.scripts import Scripts, SyncScripts
+from service.scripts import Scripts, SyncScripts, provision_users, publish_top
 
 IMPORT_CHUNK = 10_000
 """Users provisioned per transaction and Lua call by an import: the admin API's most per
@@ -35,11 +35,14 @@ ON CONFLICT (user_id) DO NOTHING
 """
 
 
-def by_partition(schema: KeySchema, user_ids: Iterable[str]) -> dict[int, list[str]]:
+def by_partition(
+    schema: KeySchema, user_ids: Iterable[str]
+) -> list[tuple[PartitionKeys, list[str]]]:
+    """`user_ids`, de-duplicated (order kept), with the keys of the partition of each group."""
     groups: dict[int, list[str]] = defaultdict(list)
-    for user_id in dict.fromkeys(user_ids):  # de-duplicated, order kept
+    for user_id in dict.fromkeys(user_ids):
         groups[schema.for_user(user_id).index].append(user_id)
-    return groups
+    return [(schema.all()[index], ids) for index, ids in groups.items()]
 
 
 def provision_sync(
@@ -53,10 +56,9 @@ def provision_sync(
     with conn.transaction():
         created = conn.execute(INSERT_USERS, (list(user_ids),)).rowcount
     scripts = SyncScripts(client)
-    for index, ids in by_partition(schema, user_ids).items():
-        keys = schema.all()[index]
-        if scripts.provision(keys, ids):
-            scripts.publish_top(keys, top_n)  # new members may enter a short top-N
+    for keys, ids in by_partition(schema, user_ids):
+        if scripts.run(provision_users(keys, ids)):
+            scripts.run(publish_top(keys, top_n))  # new members may enter a short top-N
     return created
 
 
@@ -70,10 +72,9 @@ async def provision(
     """Provision `user_ids`; return how many were new in Postgres."""
     async with conn.transaction():
         created = (await conn.execute(INSERT_USERS, (list(user_ids),))).rowcount
-    for index, ids in by_partition(schema, user_ids).items():
-        keys = schema.all()[index]
-        if await scripts.provision(keys, ids):
-            await scripts.publish_top(keys, top_n)  # new members may enter a short top-N
+    for keys, ids in by_partition(schema, user_ids):
+        if await scripts.run(provision_users(keys, ids)):
+            await scripts.run(publish_top(keys, top_n))  # new members may enter a short top-N
     return created
 
 

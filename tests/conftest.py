@@ -6,40 +6,25 @@ touches a server already running on the machine.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import redis
 from starlette.testclient import TestClient
+from support import Servers, Service, make_env, start_service, stop_process
 
 from persister.schema import migrate
 from service.app import create_app
 from service.auth import mint
-from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync
-
-SECRET = "test-secret-" + "x" * 40
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class Servers:
-    redis: RedisServer
-    postgres: PostgresServer
-    directory: Path
 
 
 @pytest.fixture(scope="session")
@@ -55,21 +40,6 @@ def servers() -> Iterator[Servers]:
         pg.stop()
         redis_server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def make_env(servers: Servers, **overrides: str) -> dict[str, str]:
-    """The environment a service process of the tests runs with."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCORE_")}
-    env.update(
-        REDIS_URL=servers.redis.url,
-        DATABASE_URL=servers.postgres.url,
-        SCORE_JWT_SECRET=SECRET,
-        SCORE_RATE_LIMIT="100000/s",
-        SCORE_RATE_BURST="100000",
-        SCORE_SHUTDOWN_GRACE_S="0",  # no load balancer to wait for: tests stop services fast
-    )
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture
@@ -99,18 +69,6 @@ def r(servers: Servers, settings: Settings) -> Iterator[redis.Redis]:
 def pg(servers: Servers, r: redis.Redis) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
     with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
         yield conn
-
-
-def assert_problem(resp: httpx.Response, status: int, *words: str) -> dict[str, object]:
-    """`resp` is an RFC 9457 problem with this status whose detail mentions `words`."""
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/problem+json"
-    body: dict[str, object] = resp.json()
-    assert body["status"] == status
-    assert body["title"] == HTTPStatus(status).phrase
-    for word in words:
-        assert word in str(body["detail"]), body["detail"]
-    return body
 
 
 @pytest.fixture
@@ -161,42 +119,6 @@ def client(settings: Settings, r: redis.Redis) -> Iterator[TestClient]:
     with TestClient(create_app(settings), raise_server_exceptions=False) as c:
         wait_for(lambda: c.get("/readyz").status_code == 200, 10, "the app")
         yield c
-
-
-@dataclass
-class Service:
-    base: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
-    """`score-service serve` as a real process (uvicorn, uvloop, httptools)."""
-    port = free_port()
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise RuntimeError("serve exited: " + log.read_text()[-2000:])
-        return httpx.get(base + "/readyz", timeout=1).status_code == 200
-
-    wait_for(ready, 30, "score-service serve")
-    return Service(base, process, log)
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ from typing import Any
 
 import httpx
 import websockets
-from conftest import Service, start_service, stop_process
+from support import Service, start_service, stop_process
+
+from service.streamids import order
 
 Frame = dict[str, Any]
 WAIT_S = 15.0  # deadline for anything the tests wait for
@@ -20,11 +22,6 @@ WAIT_S = 15.0  # deadline for anything the tests wait for
 
 def ws_url(base: str) -> str:
     return base.replace("http://", "ws://", 1) + "/api/v1/leaderboard/ws"
-
-
-def order(version: str) -> tuple[int, int]:
-    ms, seq = version.split("-")
-    return int(ms), int(seq)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.keys import KeySchema, PartitionKeys
-from service.scripts import Submit, SubmitResult, SyncScripts, prepare_submit
+from service.scripts import Call, SubmitResult, SyncScripts, prepare_submit, publish_top
 from service.settings import Settings
 
 BACKENDS = ["fake", "real"]
@@ -78,11 +78,11 @@ class Harness:
         if user_ids and self.client.zadd(
             self.keys.leaderboard, dict.fromkeys(user_ids, 0), nx=True
         ):
-            self.scripts.publish_top(self.keys, self.settings.top_n)
+            self.scripts.run(publish_top(self.keys, self.settings.top_n))
 
     def prepare(
         self, user_id: str, delta: int, key: str | None = None, *, operator: bool = False
-    ) -> Submit:
+    ) -> Call[SubmitResult]:
         return prepare_submit(
             self.settings, self.schema, user_id, delta, idempotency_key=key, operator=operator
         )
@@ -90,7 +90,7 @@ class Harness:
     def submit(
         self, user_id: str, delta: int, key: str | None = None, *, operator: bool = False
     ) -> SubmitResult:
-        return self.scripts.submit(self.prepare(user_id, delta, key, operator=operator))
+        return self.scripts.run(self.prepare(user_id, delta, key, operator=operator))
 
     def board(self) -> list[tuple[str, int]]:
         """Every (user_id, total), best first, read from the ZSET of negated scores."""

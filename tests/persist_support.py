@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import psycopg
 import redis
 
-from persister.events import stream_key
+from service import streamids
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.scripts import SubmitResult, SyncScripts, prepare_submit
@@ -36,7 +36,7 @@ def submit(
         idempotency_key=key,
         operator=key is None,
     )
-    return SyncScripts(client).submit(call)
+    return SyncScripts(client).run(call)
 
 
 def redis_totals(
@@ -79,7 +79,7 @@ def keyed_rows(conn: Conn, user_ids: Iterable[str]) -> list[KeyedRow]:
         " WHERE user_id = ANY(%s)",
         (list(user_ids),),
     ).fetchall()
-    rows.sort(key=lambda row: stream_key(str(row[0])))
+    rows.sort(key=lambda row: streamids.order(str(row[0])))
     return [(str(u), k, int(d), t) for _, u, k, d, t in rows]  # type: ignore[misc, call-overload]
 
 

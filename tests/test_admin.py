@@ -7,14 +7,14 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 import redis
-from conftest import assert_problem
 from persist_support import keyed_rows, pg_scores, redis_totals
 from starlette.testclient import TestClient
+from support import assert_problem
 
 from persister.flush import Persister
 from persister.rebuild import rebuild
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 

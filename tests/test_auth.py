@@ -22,16 +22,16 @@ from typing import Any
 
 import jwt
 import pytest
-from conftest import Servers, assert_problem, make_env
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 import service.auth
 from service.app import create_app
 from service.auth import LEEWAY_S, MAX_TOKEN_CHARS, Authenticator, AuthError, Jwks, Principal
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.settings import Settings
 
 SECRET = "auth-test-secret-" + "z" * 60  # long enough for HS512 too

@@ -17,7 +17,7 @@ import redis.exceptions
 
 from service.batching import AutoPipeline
 from service.connections import SOCKET_TIMEOUT_S, async_redis
-from service.devservers import RedisServer
+from service.dev.servers import RedisServer
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings

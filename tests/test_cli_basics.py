@@ -13,11 +13,11 @@ import jwt
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, SECRET, Servers
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support import ROOT, SECRET, Servers, refused
 
-from service.devservers import RedisServer, free_port
+from service.dev.servers import RedisServer, free_port
 from service.keys import KeySchema
 
 
@@ -28,17 +28,6 @@ def cli(
         [sys.executable, "-m", "service.cli", *args],
         env=env, input=stdin, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
-
-
-def refused(out: subprocess.CompletedProcess[str], *words: str) -> str:
-    """The command failed with exit status 2 and one clear line on stderr."""
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("score-service: configuration error: ")
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def leaderboard_scores(r) -> dict[str, int]:

@@ -14,12 +14,12 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, make_env, start_service, stop_process
 from persist_support import cli
 from players import Players
+from support import ROOT, Servers, make_env, start_service, stop_process
 
-from service.devservers import RedisServer, wait_for
-from service.devtopologies import LocalCluster
+from service.dev.servers import RedisServer, wait_for
+from service.dev.topologies import LocalCluster
 from service.keys import KeySchema
 from service.settings import Settings
 

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import httpx
-from conftest import start_service, stop_process
+from support import start_service, stop_process
 
 from service.keys import KeySchema
 

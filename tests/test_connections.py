@@ -23,18 +23,18 @@ import pytest
 import redis
 import redis.exceptions
 import uvloop
-from conftest import Servers
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fault_proxy import FaultProxy, Mode
+from support import Servers
 
 from persister.events import Event
 from persister.stream import EventStream
 from service.batching import AutoPipeline
 from service.connections import async_redis, sync_redis
-from service.devservers import RedisServer, free_port
+from service.dev.servers import RedisServer, free_port
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings

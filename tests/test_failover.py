@@ -15,13 +15,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import ROOT, Servers, make_env, start_service, stop_process
 from persist_support import cli
 from players import Players
+from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.connections import sync_redis
-from service.devservers import RedisServer, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.servers import RedisServer, wait_for
+from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings

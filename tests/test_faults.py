@@ -29,12 +29,12 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, Service, make_env, start_service, stop_process
 from persist_support import cli, keyed_rows, ledger, pg_scores, redis_totals, unpersisted
+from support import ROOT, Servers, Service, make_env, start_service, stop_process
 
 from persister.schema import migrate
 from service.auth import mint
-from service.devservers import PostgresServer, RedisServer, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings
@@ -82,7 +82,7 @@ class Stack:
 
 
 def kill9(process: subprocess.Popen[bytes]) -> None:
-    """kill -9 the process and whatever it forked (RQ's scheduler)."""
+    """kill -9 the process (its process group: anything it forked too)."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
 

@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import redis
-from conftest import ROOT, stop_process
+from support import ROOT, stop_process
 
 from persister import heartbeat
-from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import HEARTBEAT_FRESH_S, WORKERS
+from service.dev.servers import wait_for
+from service.keys import PERSISTER_WORKERS, KeySchema
+from service.persister_lag import HEARTBEAT_FRESH_S
 
 
 def _persister(client) -> tuple[str, dict[str, object], str]:
@@ -36,7 +36,7 @@ def test_healthz_and_readyz_with_a_live_worker(client, r: redis.Redis) -> None:
 def test_no_live_worker_is_degraded_but_ready(client, r: redis.Redis) -> None:
     seconds, _ = r.time()
     stale_ms = (seconds - HEARTBEAT_FRESH_S - 5) * 1000  # a worker that stopped beating
-    r.zadd(WORKERS, {"gone:1": stale_ms})
+    r.zadd(PERSISTER_WORKERS, {"gone:1": stale_ms})
     ready = client.get("/readyz")
     assert ready.status_code == 200  # the hot path does not need the persister
     status, persister, detail = _persister(client)
@@ -83,6 +83,6 @@ def test_worker_check_follows_a_real_worker(env, r: redis.Redis, pg, tmp_path: P
         # a worker that stops says so: unhealthy at once, not after the heartbeat's freshness
         gone = _check(env)
         assert gone.returncode == 1, gone.stdout
-        assert r.zscore(WORKERS, f"{socket.gethostname()}:{worker.pid}") is None
+        assert r.zscore(PERSISTER_WORKERS, f"{socket.gethostname()}:{worker.pid}") is None
     finally:
         stop_process(worker)

@@ -15,9 +15,9 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, SECRET, Servers, make_env, start_service, stop_process
 from persist_support import cli, pg_scores, redis_totals, submit, unpersisted
 from starlette.testclient import TestClient
+from support import ROOT, SECRET, Servers, make_env, refused, start_service, stop_process
 
 from persister import layout
 from persister.flush import Persister
@@ -25,24 +25,13 @@ from persister.repartition import change
 from persister.wiring import hooks
 from service.app import create_app
 from service.auth import mint
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, encode
 from service.scripts import Status, SyncScripts, prepare_submit
 from service.settings import Settings
 
 KEY = KeySchema(1).layout
-
-
-def refused(out: subprocess.CompletedProcess[str], *words: str) -> str:
-    """The command failed with exit status 2 and one clear line on stderr."""
-    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert lines[0].startswith("score-service: configuration error: ")
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 def recorded(r: redis.Redis, pg: psycopg.Connection) -> tuple[Layout | None, Layout | None]:
@@ -396,7 +385,7 @@ def test_keys_of_the_scheme_before_are_refused_then_moved_by_partitions_set(
     scripts = SyncScripts(r)
     for i, user_id in enumerate(ids):
         call = prepare_submit(settings, old, user_id, i + 1, operator=True)
-        assert scripts.submit(call).status == Status.OK
+        assert scripts.run(call).status == Status.OK
     refused(cli(two, "rebuild"), "key scheme version 1", "partitions set 2")
 
     out = cli(two, "partitions", "set", "2")

@@ -21,7 +21,6 @@ import psycopg
 import pytest
 import redis
 import websockets
-from conftest import ROOT, Servers, make_env, stop_process
 from live_support import (
     WAIT_S,
     connect,
@@ -35,12 +34,13 @@ from live_support import (
 )
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
+from support import ROOT, Servers, make_env, stop_process
 
 from service.app import create_app
-from service.devservers import RedisServer, free_port, wait_for
+from service.dev.servers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
-from service.live import address_key
-from service.scripts import SyncScripts
+from service.live.endpoints import address_key
+from service.scripts import SyncScripts, publish_top
 from service.settings import ConfigError, Settings
 from service.users import provision_sync
 
@@ -162,7 +162,7 @@ def churning(r: redis.Redis, env: dict[str, str], users: list[str]) -> Iterator[
         i = 0
         while not stop.is_set():
             r.zincrby(keys.leaderboard, -1, users[i % len(users)])
-            scripts.publish_top(keys, top_n)
+            scripts.run(publish_top(keys, top_n))
             i += 1
 
     churner = threading.Thread(target=churn)
@@ -206,7 +206,7 @@ async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
             # the slow client, reading again, finds the documented close after its backlog
             assert "too slow" in await assert_closed_with(slow, 4001)
             # the fast one was never held back, and still follows: it gets the next change
-            version = SyncScripts(r).publish_top(keys, len(users))
+            version = SyncScripts(r).run(publish_top(keys, len(users)))
             async with asyncio.timeout(WAIT_S):
                 while True:
                     arrived.clear()

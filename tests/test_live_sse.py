@@ -11,12 +11,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-from conftest import Servers, make_env
 from live_support import (
     WAIT_S,
     connect,
     frames_until,
-    order,
     post_score,
     recv_frame,
     running,
@@ -24,10 +22,12 @@ from live_support import (
     sse,
 )
 from persist_support import cli
+from support import Servers, make_env
 
 from service.auth import mint
 from service.keys import KeySchema
 from service.settings import Settings
+from service.streamids import order
 
 
 async def test_snapshot_then_updates_same_frames_as_websocket(service, add_users, token) -> None:

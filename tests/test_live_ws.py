@@ -17,12 +17,10 @@ import httpx
 import pytest
 import redis
 import websockets
-from conftest import Servers, make_env
 from live_support import (
     WAIT_S,
     connect,
     frames_until,
-    order,
     post_score,
     process_serving,
     recv_frame,
@@ -30,11 +28,13 @@ from live_support import (
     score_of,
     worker_pids,
 )
+from support import Servers, make_env
 
-from service.devservers import RedisServer
+from service.dev.servers import RedisServer
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings
+from service.streamids import order
 from service.users import provision_sync
 
 

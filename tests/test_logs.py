@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from conftest import ROOT, start_service, stop_process
 from persist_support import submit
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -23,10 +22,11 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
+from support import ROOT, start_service, stop_process
 
 from persister.flush import Persister
 from persister.jobs import FlushLog
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.logs import JsonFormatter, RequestIdFilter
 from service.request_id import RequestId

@@ -207,7 +207,7 @@ class LeaderboardMachine(RuleBasedStateMachine):
         call = self.h.prepare(user, delta, key, operator=operator)
         top_before = self.model.top()
         before = self.h.snapshot()
-        result = self.h.scripts.submit(call)
+        result = self.h.scripts.run(call)
         expected = self.model.submit(user, delta, key, operator, str(call.args[2]))
 
         got = Expected(result.status, result.total, result.rank, result.remaining)

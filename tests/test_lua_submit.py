@@ -10,6 +10,7 @@ while a test runs and the tests need no clock: every accepted call spends exactl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import uuid
@@ -19,7 +20,7 @@ import pytest
 import redis
 from lua_harness import BACKENDS, HOUR_US, Harness, async_twin, open_backend
 
-from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, Submit, load
+from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, load, publish_top
 from service.settings import MAX_SCORE
 
 
@@ -67,7 +68,7 @@ def test_each_accepted_increment_appends_one_event_with_its_id(h: Harness) -> No
     keyed = h.prepare(b, 7, "order-1")
     adjustment = h.prepare(a, -1, operator=True)
     for call in (plain, keyed, adjustment):
-        assert h.scripts.submit(call).status is Status.OK
+        assert h.scripts.run(call).status is Status.OK
 
     events = h.events()
     assert [fields for _, fields in events] == [
@@ -362,11 +363,11 @@ def test_refused_calls_publish_nothing(h: Harness) -> None:
 
 def test_publish_top_appends_the_current_top_n(h: Harness) -> None:
     a, b, c = ids("a", "b", "c")
-    version = h.scripts.publish_top(h.keys, 2)
+    version = h.scripts.run(publish_top(h.keys, 2))
     assert h.top_entries() == [(version, [])]  # an empty leaderboard is a version too
     h.provision(a, b, c)
     h.client.zadd(h.keys.leaderboard, {c: -7})  # e.g. a rebuild, outside submit_score
-    version = h.scripts.publish_top(h.keys, 2)
+    version = h.scripts.run(publish_top(h.keys, 2))
     assert h.top_entries()[-1] == (version, [(c, 7), (a, 0)])
 
     before = h.snapshot()
@@ -407,7 +408,7 @@ def test_wrong_key_count_is_refused_in_python_and_in_lua(h: Harness) -> None:
     before = h.snapshot()
     for keys in (call.keys[:6], [*call.keys, "extra"]):
         with pytest.raises(ValueError, match="submit_score takes 7 keys"):
-            h.scripts.submit(Submit(keys, call.args))
+            h.scripts.run(dataclasses.replace(call, keys=keys))
         # a caller that bypasses the wrapper gets an error reply from the script itself
         with pytest.raises(redis.ResponseError, match="submit_score: takes 7 keys"):
             h.client.eval(load("submit_score").body, len(keys), *keys, *call.args)
@@ -451,7 +452,7 @@ def test_bad_argument_is_an_error_reply_and_writes_nothing(
     args = list(call.args)
     args[index] = value
     with pytest.raises(redis.ResponseError, match="submit_score: "):
-        h.scripts.submit(Submit(call.keys, args))
+        h.scripts.run(dataclasses.replace(call, args=args))
     h.assert_unchanged(before)
 
 
@@ -462,7 +463,7 @@ def test_wrong_argument_count_is_an_error_reply(h: Harness) -> None:
     before = h.snapshot()
     for args in (call.args[:11], [*call.args, "extra"], []):
         with pytest.raises(redis.ResponseError, match="submit_score: takes 12 arguments"):
-            h.scripts.submit(Submit(call.keys, args))
+            h.scripts.run(dataclasses.replace(call, args=args))
     h.assert_unchanged(before)
 
 
@@ -492,7 +493,7 @@ async def test_async_scripts_reload_after_script_flush(h: Harness) -> None:
         assert (await scripts.submit(h.prepare(a, 4))).total == 4
         await client.script_flush()
         assert (await scripts.submit(h.prepare(a, 5))).total == 9
-        assert await scripts.publish_top(h.keys, 1) == h.top_entries()[-1][0]
+        assert await scripts.run(publish_top(h.keys, 1)) == h.top_entries()[-1][0]
     finally:
         await client.aclose()
     assert h.board() == [(a, 9)]

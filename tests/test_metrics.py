@@ -9,9 +9,9 @@ import re
 import signal
 
 import httpx
-from conftest import start_service, stop_process
+from support import start_service, stop_process
 
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 
 

@@ -16,11 +16,11 @@ from starlette.testclient import TestClient
 from service.app import create_app
 from service.asyncapi import ASYNCAPI_PATH
 from service.asyncapi import document as asyncapi_document
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.layout import Layout, encode
 from service.openapi import OPENAPI_PATH
-from service.scores import IDEMPOTENCY_KEY
+from service.requests import IDEMPOTENCY_KEY
 from service.settings import Settings
 
 _CONVERTER = re.compile(r"\{(\w+):\w+\}")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import ROOT
 
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 # what a source tree holds besides the project (and what a build must not be polluted by)
 NOT_SOURCE = shutil.ignore_patterns(
     ".git", ".venv", ".data", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
@@ -72,11 +72,23 @@ def test_the_wheel_carries_every_lua_script_and_redis_conf(installed: Installed)
     assert "service/conf/redis.conf" in names
 
 
+def test_the_wheel_carries_every_module(installed: Installed) -> None:
+    # pyproject.toml names the packages one by one: a new subpackage must be added there
+    names = set(zipfile.ZipFile(installed.wheel).namelist())
+    modules = sorted(
+        path.relative_to(ROOT).as_posix()
+        for package in ("service", "persister")
+        for path in (ROOT / package).rglob("*.py")
+    )
+    assert "service/live/endpoints.py" in modules and "service/dev/servers.py" in modules
+    assert [module for module in modules if module not in names] == []
+
+
 def test_the_installed_package_loads_them(installed: Installed, tmp_path: Path) -> None:
     # every script by the loader the service uses, and the config a dev Redis starts with
     check = """
-import service, service.scripts as s, service.devservers as d, pathlib, sys
-from service.devservers import RedisServer
+import service, service.scripts as s, service.dev.servers as d, pathlib, sys
+from service.dev.servers import RedisServer
 print(pathlib.Path(service.__file__).parent)
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.lua")):
     name = path.name.split("-")[0]

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit
 from rq import Queue
 from starlette.testclient import TestClient
+from support import Servers, make_env
 
 from persister.events import Event, Malformed, parse, parse_all
 from persister.flush import MAX_FAILURES, Drained, Persister
@@ -20,9 +20,9 @@ from persister.jobs import QUEUE, FlushRequester
 from persister.locks import flush_lock
 from persister.reconcile import reconcile, render
 from persister.store import Store
-from service.devservers import free_port, wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP, read_lags_sync
+from service.dev.servers import free_port, wait_for
+from service.keys import PERSISTER_GROUP, KeySchema
+from service.persister_lag import read_lags_sync
 from service.settings import Settings
 
 

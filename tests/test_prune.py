@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from persist_support import cli, pg_scores, redis_totals, submit
+from support import Servers, make_env
 
 from persister.events import Event, parse_all
 from persister.flush import Persister
@@ -21,9 +21,8 @@ from persister.prune import MIN_AGE_S, PruneRefused, prune
 from persister.rebuild import rebuild
 from persister.reconcile import reconcile, render
 from persister.store import Store
-from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.dev.servers import wait_for
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.scripts import Status
 from service.settings import Settings
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import threading
 
-from conftest import assert_problem
 from starlette.testclient import TestClient
+from support import assert_problem
 
 from persister.rebuild import rebuild_if_missing
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 

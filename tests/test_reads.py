@@ -8,14 +8,15 @@ from contextlib import contextmanager
 
 import psycopg
 import pytest
-from conftest import SECRET, Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import free_port, wait_for
+from service.dev.servers import free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
+from service.streamids import order
 from service.users import provision_sync
 
 TOKENS = Settings.from_env({"SCORE_JWT_SECRET": SECRET})
@@ -73,8 +74,8 @@ def test_limit_and_versions_that_grow(client, add_users) -> None:
     score(client, users[0], 100)
     second = client.get("/api/v1/leaderboard", params={"limit": 2}).json()
     assert [e["user_id"] for e in second["top"]] == [users[0], users[3]]
-    ms1, seq1 = map(int, first["version"].split("-"))
-    ms2, seq2 = map(int, second["version"].split("-"))
+    ms1, seq1 = order(first["version"])
+    ms2, seq2 = order(second["version"])
     assert (ms2, seq2) > (ms1, seq1)
 
 

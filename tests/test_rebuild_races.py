@@ -17,10 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 import redis
-from conftest import Servers, make_env
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
+from support import Servers, make_env
 
 import persister.rebuild
 import persister.reconcile
@@ -32,9 +32,9 @@ from persister.reconcile import reconcile, render
 from persister.store import Store
 from persister.stream import EventStream
 from service.app import create_app
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.keys import KeySchema
-from service.scripts import Status, Swapped, SwapStep, SyncScripts, load
+from service.scripts import Call, Status, Swapped, SwapStep, SyncScripts, load
 from service.settings import Settings
 from service.users import provision_sync
 
@@ -193,17 +193,19 @@ def test_every_swap_call_whose_reply_is_lost_is_sent_again_and_replays_nothing_t
     after(monkeypatch, persister.rebuild, "_fill", accepted_during_the_build)
     monkeypatch.setattr(persister.rebuild, "SWAP_CHUNK", 2)  # several calls: 4 entries + swap
     r.script_load(load("swap_leaderboard").body)  # every lost reply is the swap's, not NOSCRIPT
-    real = SyncScripts.swap_leaderboard
+    real = SyncScripts.run
     steps: list[SwapStep] = []
 
-    def reply_lost_once(self: SyncScripts, *args: Any) -> SwapStep:
+    def reply_lost_once(self: SyncScripts, call: Call[Any]) -> Any:
+        if call.script != "swap_leaderboard":
+            return real(self, call)
         if proxy.dropped_replies < len(steps) + 1:  # the first attempt of each call
             proxy.set(Mode.DROP_ONE_REPLY)
-        step = real(self, *args)
+        step = real(self, call)
         steps.append(step)
         return step
 
-    monkeypatch.setattr(SyncScripts, "swap_leaderboard", reply_lost_once)
+    monkeypatch.setattr(SyncScripts, "run", reply_lost_once)
 
     done = rebuild(through(settings, proxy), force=True)
 
@@ -351,14 +353,16 @@ def test_a_large_backlog_is_replayed_in_bounded_calls_and_exactly_while_writers_
     chunk = 16
     after(monkeypatch, persister.rebuild, "_fill", backlog)
     monkeypatch.setattr(persister.rebuild, "SWAP_CHUNK", chunk)
-    real = SyncScripts.swap_leaderboard
+    real = SyncScripts.run
     steps: list[SwapStep] = []
 
-    def recorded(self: SyncScripts, *args: Any) -> SwapStep:
-        steps.append(real(self, *args))
+    def recorded(self: SyncScripts, call: Call[Any]) -> Any:
+        if call.script != "swap_leaderboard":
+            return real(self, call)
+        steps.append(real(self, call))
         return steps[-1]
 
-    monkeypatch.setattr(SyncScripts, "swap_leaderboard", recorded)
+    monkeypatch.setattr(SyncScripts, "run", recorded)
     thread = threading.Thread(target=writer)
     thread.start()
     try:

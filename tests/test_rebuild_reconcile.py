@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
-from conftest import Servers
 from persist_support import cli, keyed_rows, pg_scores, redis_totals, submit
 from starlette.testclient import TestClient
+from support import Servers
 
 from persister.events import parse_all
 from persister.flush import Persister
@@ -19,10 +19,9 @@ from persister.reconcile import reconcile, render
 from persister.store import Store
 from persister.unpersisted import read_unpersisted
 from service.app import create_app
-from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
-from service.scripts import Status, Swapped, SwapStep, SyncScripts
+from service.dev.servers import wait_for
+from service.keys import PERSISTER_GROUP, KeySchema
+from service.scripts import Status, Swapped, SwapStep, SyncScripts, swap_leaderboard
 from service.settings import Settings
 
 
@@ -108,7 +107,7 @@ def test_increments_accepted_during_a_rebuild_are_replayed_by_the_swap(
     submit(settings, r, users[1], 4)
     r.xadd(keys.events, {"e": "x", "u": "not-in-postgres", "d": "9"})
 
-    step = SyncScripts(r).swap_leaderboard(keys, "t1", 10)
+    step = SyncScripts(r).run(swap_leaderboard(keys, "t1", 10))
 
     assert step == SwapStep(Swapped.NOW, replayed=2, scanned=3)
     assert leaderboard(r) == {users[0].encode(): -8.0, users[1].encode(): -4.0}

@@ -12,12 +12,12 @@ import psycopg
 import pytest
 import redis
 import redis.exceptions
-from conftest import Servers, assert_problem, make_env
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import RedisServer, free_port, wait_for
+from service.dev.servers import RedisServer, free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync

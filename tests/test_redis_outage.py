@@ -16,10 +16,10 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import Servers, assert_problem, make_env, start_service, stop_process
+from support import Servers, assert_problem, make_env, start_service, stop_process
 
 from service.auth import mint
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 from service.users import provision_sync

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import Servers, assert_problem, make_env
 from persist_support import cli
 from starlette.testclient import TestClient
+from support import Servers, assert_problem, make_env
 
 from persister.wiring import hooks
 from service.app import create_app
 from service.auth import mint
-from service.devservers import RedisServer, wait_for
+from service.dev.servers import RedisServer, wait_for
 from service.settings import Settings
 
 

@@ -11,17 +11,18 @@ from contextlib import contextmanager
 
 import msgspec
 import pytest
-from conftest import SECRET, Servers, assert_problem, make_env
 from starlette.requests import Request
 from starlette.testclient import TestClient
+from support import SECRET, Servers, assert_problem, make_env
 
 from service.app import create_app
 from service.auth import mint
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 from service.errors import ApiError
 from service.keys import KeySchema
 from service.models import score_update_decoder
-from service.scores import MAX_BODY_BYTES, decode_json
+from service.requests import decode_json
+from service.scores import MAX_BODY_BYTES
 from service.settings import MAX_SCORE, Settings
 
 URL = "/api/v1/score"

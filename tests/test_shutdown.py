@@ -25,16 +25,15 @@ import httpx
 import psycopg
 import redis
 import websockets
-from conftest import ROOT, Servers, make_env, start_service, stop_process
 from http_support import Cut, read_reply, score_request
 from live_support import ws_url
 from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit, unpersisted
+from support import ROOT, Servers, make_env, start_service, stop_process
 from websockets.sync.client import connect as ws_connect
 
 from service.auth import mint
-from service.devservers import wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.dev.servers import wait_for
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 
 WAIT_S = 30.0

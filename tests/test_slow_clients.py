@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Servers, make_env
 from http_support import Reply, read_reply, score_request
 from live_support import WAIT_S, connect, recv_frame, running
+from support import Servers, make_env
 
 from service.auth import mint
 from service.settings import Settings

@@ -18,8 +18,7 @@ import redis
 import redis.client
 
 from persister.stream import EventStream
-from service.keys import KeySchema, PartitionKeys
-from service.persister_lag import PERSISTER_GROUP
+from service.keys import PERSISTER_GROUP, KeySchema, PartitionKeys
 from service.settings import Settings
 
 

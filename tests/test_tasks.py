@@ -8,11 +8,11 @@ import asyncio
 
 from starlette.types import Message
 
-from service.broadcast import Broadcaster
 from service.keys import KeySchema
-from service.live import CLIENT_LEFT, LiveStream
+from service.live.broadcast import Broadcaster
+from service.live.endpoints import CLIENT_LEFT, LiveStream
+from service.live.subscribers import Ending, Pumped
 from service.settings import Settings
-from service.subscribers import Ending, Pumped
 
 
 async def test_a_live_connection_ends_with_its_reader(settings: Settings) -> None:

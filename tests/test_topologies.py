@@ -17,15 +17,16 @@ import httpx
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, make_env, start_service, stop_process
-from live_support import connect, order, recv_frame
+from live_support import connect, recv_frame
 from persist_support import cli
+from support import ROOT, Servers, make_env, start_service, stop_process
 
 from service.auth import mint
-from service.devservers import RedisServer, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.servers import RedisServer, wait_for
+from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.settings import Settings
+from service.streamids import order
 
 Deployment = LocalCluster | LocalSentinel
 PARTITIONS = 3

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from service.keys import KeySchema, partition_tag, slot_range
 from service.leaderboard import combined
 from service.settings import ConfigError, Settings
+from service.streamids import order
 from service.topology import BadRedisUrl, parse
 
 
@@ -106,8 +107,3 @@ def test_any_newer_id_of_any_partition_makes_a_newer_version(ids: list[tuple[int
         for newer in (f"{ms}-{seq + 1}", f"{ms + 1}-0"):
             changed = [*versions[:i], newer, *versions[i + 1 :]]
             assert order(combined(changed)) > order(combined(versions))
-
-
-def order(version: str) -> tuple[int, int]:
-    ms, seq = version.split("-")
-    return int(ms), int(seq)

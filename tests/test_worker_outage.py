@@ -23,14 +23,13 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
-from conftest import ROOT, Servers, make_env
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, submit
+from support import ROOT, Servers, make_env
 
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer, wait_for
-from service.keys import KeySchema
-from service.persister_lag import PERSISTER_GROUP
+from service.dev.servers import PostgresServer, RedisServer, wait_for
+from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 from service.users import provision_sync
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import psycopg
 
-from service.devservers import wait_for
+from service.dev.servers import wait_for
 
 from .ledger import Ledger
 from .stack import ROOT, Stack

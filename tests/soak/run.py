@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from service.devservers import ServerError, wait_for
+from service.dev.servers import ServerError, wait_for
 from service.users import provision_sync
 
 from .check import Verdict, drain, verify

@@ -24,7 +24,7 @@ import redis
 from fault_proxy import FaultProxy, Mode
 
 from persister.schema import migrate
-from service.devservers import PostgresServer, RedisServer, ServerError, free_port, wait_for
+from service.dev.servers import PostgresServer, RedisServer, ServerError, free_port, wait_for
 from service.keys import KeySchema
 from service.settings import Settings
 
@@ -176,7 +176,8 @@ class Stack:
     # --- faults -------------------------------------------------------------------------
 
     def kill_persister(self) -> None:
-        """kill -9 of the worker and whatever it forked (RQ's scheduler)."""
+        """kill -9 of the worker (its process group: the worker forks nothing, but whatever it
+        might fork goes with it)."""
         if self.persister is not None:
             _signal_group(self.persister, signal.SIGKILL)
             self.persister.wait(10)

@@ -12,17 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from service import streamids
 from service.models import Leaderboard, encoder
-
-Version = tuple[int, int]
-
-
-def version_order(version: str) -> Version | None:
-    """A top stream id ("<ms>-<seq>") as a comparable pair; None if it is not one."""
-    ms, sep, seq = version.partition("-")
-    if not (sep and ms.isascii() and ms.isdigit() and seq.isascii() and seq.isdigit()):
-        return None
-    return int(ms), int(seq)
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
@@ -42,7 +33,7 @@ def websocket_text_frame(payload: bytes) -> bytes:
 class Frame:
     """One leaderboard state, encoded once for every client and transport."""
 
-    order: Version  # the version, comparable
+    order: streamids.Order  # the version, comparable
     text: str  # the JSON frame
     ws: dict[str, Any]  # the ASGI websocket.send message
     sse: dict[str, Any]  # the ASGI http.response.body message: one event, id = version
@@ -55,7 +46,7 @@ def encode_frame(board: Leaderboard) -> Frame:
     text = body.decode()
     event = b"id: " + board.version.encode() + b"\ndata: " + body + b"\n\n"
     return Frame(
-        order=version_order(board.version) or (0, 0),
+        order=streamids.parse(board.version) or (0, 0),
         text=text,
         ws={"type": "websocket.send", "text": text},
         sse={"type": "http.response.body", "body": event, "more_body": True},

@@ -1,5 +1,5 @@
 """Throwaway Redis Cluster and Redis Sentinel deployments on one machine, made of
-`redis-server` processes (devservers.RedisServer), for `score-service dev --redis cluster|
+`redis-server` processes (servers.RedisServer), for `score-service dev --redis cluster|
 sentinel`, the tests and the benchmark.
 
 They are built with Redis's own commands (CLUSTER MEET / ADDSLOTS / REPLICATE, SENTINEL
@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 
-from service.devservers import RedisServer, ServerError, free_port, wait_for
+from service.dev.servers import RedisServer, ServerError, free_port, wait_for
 from service.keys import slot_range
 
 MASTER_NAME = "score"

@@ -20,7 +20,8 @@ import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple, Protocol, cast
 
-from service.frames import Frame, Version
+from service.live.frames import Frame
+from service.streamids import Order
 
 
 class Ending(NamedTuple):
@@ -59,11 +60,11 @@ class Subscriber:
 
 
 class Pumped(Subscriber):
-    """A client whose own task sends its frames (see `service.live.pump`)."""
+    """A client whose own task sends its frames (see `service.live.endpoints.pump`)."""
 
     __slots__ = ("after", "heartbeat", "keepalive", "wake")
 
-    def __init__(self, address: str, after: Version | None = None, heartbeat: bool = False) -> None:
+    def __init__(self, address: str, after: Order | None = None, heartbeat: bool = False) -> None:
         super().__init__(address)
         self.after = after  # send no frame at or below this version (SSE Last-Event-ID)
         self.heartbeat = heartbeat  # wants keepalives from the broadcaster (SSE)

@@ -25,8 +25,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from service.devservers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
-from service.devtopologies import LocalCluster, LocalSentinel
+from service.dev.servers import PostgresServer, RedisServer, die_with_parent, free_port, wait_for
+from service.dev.topologies import LocalCluster, LocalSentinel
 
 DEMO_USERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan",
               "judy", "mallory", "niaj", "olivia", "peggy", "rupert", "sybil"]  # fmt: skip
@@ -82,6 +82,13 @@ def _lock(data: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _servers(data: Path, env: dict[str, str], redis_kind: str) -> Iterator[None]:
     started: list[RedisServer | PostgresServer | LocalCluster | LocalSentinel] = []
+
+    def start(server: RedisServer | PostgresServer) -> str:
+        """Start `server` (after what a dead `dev` left running in its directory); its URL."""
+        server.stop_leftover()
+        started.append(server)
+        return server.start().url
+
     try:
         if not env.get("REDIS_URL") and redis_kind != "server":
             where = data / f"redis-{redis_kind}"
@@ -95,22 +102,14 @@ def _servers(data: Path, env: dict[str, str], redis_kind: str) -> Iterator[None]
             env["REDIS_URL"] = deployment.start().url
             print(f"REDIS_URL={env['REDIS_URL']}", flush=True)
             if redis_kind == "cluster" and not env.get("SCORE_QUEUE_URL"):
-                queue = RedisServer(data / "redis-queue")  # RQ's queue cannot live on a cluster
-                queue.stop_leftover()
-                started.append(queue)
-                env["SCORE_QUEUE_URL"] = queue.start().url
+                # RQ's queue cannot live on a cluster
+                env["SCORE_QUEUE_URL"] = start(RedisServer(data / "redis-queue"))
         if not env.get("REDIS_URL"):
             print("starting Redis under", data / "redis", flush=True)
-            r = RedisServer(data / "redis")
-            r.stop_leftover()
-            started.append(r)
-            env["REDIS_URL"] = r.start().url
+            env["REDIS_URL"] = start(RedisServer(data / "redis"))
         if not env.get("DATABASE_URL"):
             print("starting Postgres under", data / "postgres", flush=True)
-            pg = PostgresServer(data / "postgres")
-            pg.stop_leftover()
-            started.append(pg)
-            env["DATABASE_URL"] = pg.start().url
+            env["DATABASE_URL"] = start(PostgresServer(data / "postgres"))
         yield
     finally:
         for server in reversed(started):

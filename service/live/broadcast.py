@@ -3,7 +3,7 @@
 One task tails the partitions' top streams (XREAD BLOCK, on a Redis connection of its own)
 and keeps the merged top-N in memory; a second publishes the newest state to every
 subscriber, at most once per tick (SCORE_LIVE_TICK_MS). Each frame is encoded once and shared
-by all clients (`service.frames`); how it reaches one client is `service.subscribers`'s
+by all clients (`service.live.frames`); how it reaches one client is `service.live.subscribers`'s
 business: written straight to its transport, or handed to its own task. Either way a client
 holds only the newest frame it has not been sent: a burst costs a slow client skipped frames,
 never a growing queue.
@@ -21,12 +21,13 @@ from prometheus_client import Counter as Metric
 from prometheus_client import Gauge
 from redis.backoff import ExponentialBackoff
 
-from service.connections import async_redis
-from service.frames import Frame, encode_frame, version_order
+from service import streamids
+from service.connections import async_redis, failed_again
 from service.keys import KeySchema
 from service.leaderboard import build
+from service.live.frames import Frame, encode_frame
+from service.live.subscribers import Ending, Subscriber
 from service.settings import Settings
-from service.subscribers import Ending, Subscriber
 from service.tops import Tops, read_tops
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ class Broadcaster:
                     if not failures:
                         log.warning("live leaderboard: lost Redis (%s); retrying", exc)
                     FOLLOWING.set(0)
-                    failures += 1
+                    failures = failed_again(failures)
                     await asyncio.sleep(BACKOFF.compute(failures))
                     continue
                 if failures:
@@ -225,13 +226,13 @@ class Broadcaster:
         position = self._seen[top]
         while not self._stopping:
             seen = self._seen[top]
-            if (version_order(seen) or (0, 0)) > (version_order(position) or (0, 0)):
+            if streamids.order(seen) > streamids.order(position):
                 position = seen  # read_tops has caught up past it: skip what it read
             try:
                 found: Any = await self._redis.xread({top: position}, count=1, block=BLOCK_MS)
             except Exception:  # the follower's read reports it; ring, so that it tries
                 bell.set()
-                failures += 1
+                failures = failed_again(failures)
                 await asyncio.sleep(BACKOFF.compute(failures))
                 continue
             failures = 0

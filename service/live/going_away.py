@@ -28,8 +28,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.broadcast import GOING_AWAY, Broadcaster
 from service.context import Context
+from service.live.broadcast import GOING_AWAY, Broadcaster
 
 log = logging.getLogger(__name__)
 

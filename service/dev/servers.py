@@ -21,14 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from service.shipped import REDIS_CONF
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout (bench runs processes from it)
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (bench runs processes from it)
 UNPRIVILEGED_USERS = ("postgres", "nobody")
 SYSTEM_POSTGRES = Path("/usr/lib/postgresql")  # Debian's versioned installs
 
@@ -373,19 +373,3 @@ class PostgresServer:
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-@contextlib.contextmanager
-def throwaway(
-    directory: Path, *, fsync: bool = True
-) -> Iterator[tuple[RedisServer, PostgresServer]]:
-    """Redis and Postgres under `directory`, stopped on exit."""
-    redis_server = RedisServer(directory / "redis").start()
-    try:
-        pg = PostgresServer(directory / "postgres", fsync=fsync).start()
-        try:
-            yield redis_server, pg
-        finally:
-            pg.stop()
-    finally:
-        redis_server.stop()

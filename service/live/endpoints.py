@@ -3,7 +3,7 @@
 Both send the broadcaster's frames: the current snapshot first, then one frame per change,
 at most one per tick. Clients need send nothing. Under uvicorn, WebSocket frames are written
 by the broadcaster straight to each connection's transport, and the connection's task only
-reads; elsewhere (and for SSE) the connection's task sends them (`service.subscribers`).
+reads; elsewhere (and for SSE) the connection's task sends them (`service.live.subscribers`).
 WebSocket close codes:
 
   1001 going away        the server is shutting down: reconnect (elsewhere)
@@ -32,10 +32,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 
-from service.broadcast import CLOSED, TRY_AGAIN_LATER, WS_CLIENTS, Broadcaster, Refused
+from service import streamids
 from service.errors import problem
-from service.frames import Frame, version_order
-from service.subscribers import (
+from service.live.broadcast import CLOSED, TRY_AGAIN_LATER, WS_CLIENTS, Broadcaster, Refused
+from service.live.frames import Frame
+from service.live.subscribers import (
     TOO_SLOW,
     Direct,
     Ending,
@@ -249,7 +250,7 @@ class LiveStream(_Endpoint):
             CLOSED.labels("origin").inc()
             await problem(403, FORBIDDEN_ORIGIN)(scope, receive, send)
             return
-        after = version_order(headers.get("last-event-id", "").strip())
+        after = streamids.parse(headers.get("last-event-id", "").strip())
         try:
             sub = await self.subscribe(Pumped(client_address(scope), after, heartbeat=True))
         except Refused as refused:

@@ -1,0 +1,100 @@
+"""What the tests share besides their fixtures: the stores' servers, the environment and the
+processes of a service, and the shapes of its refusals. (Fixtures stay in conftest.py, which
+builds them from these; tests import from here, never from conftest.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+
+import httpx
+
+from service.dev.servers import PostgresServer, RedisServer, free_port, wait_for
+
+SECRET = "test-secret-" + "x" * 40
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Servers:
+    redis: RedisServer
+    postgres: PostgresServer
+    directory: Path
+
+
+def make_env(servers: Servers, **overrides: str) -> dict[str, str]:
+    """The environment a service process of the tests runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCORE_")}
+    env.update(
+        REDIS_URL=servers.redis.url,
+        DATABASE_URL=servers.postgres.url,
+        SCORE_JWT_SECRET=SECRET,
+        SCORE_RATE_LIMIT="100000/s",
+        SCORE_RATE_BURST="100000",
+        SCORE_SHUTDOWN_GRACE_S="0",  # no load balancer to wait for: tests stop services fast
+    )
+    env.update(overrides)
+    return env
+
+
+def assert_problem(resp: httpx.Response, status: int, *words: str) -> dict[str, object]:
+    """`resp` is an RFC 9457 problem with this status whose detail mentions `words`."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = resp.json()
+    assert body["status"] == status
+    assert body["title"] == HTTPStatus(status).phrase
+    for word in words:
+        assert word in str(body["detail"]), body["detail"]
+    return body
+
+
+def refused(out: subprocess.CompletedProcess[str], *words: str) -> str:
+    """The command failed with exit status 2 and one clear line on stderr."""
+    assert out.returncode == 2, (out.returncode, out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("score-service: configuration error: ")
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@dataclass
+class Service:
+    base: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
+    """`score-service serve` as a real process (uvicorn, uvloop, httptools)."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError("serve exited: " + log.read_text()[-2000:])
+        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+
+    wait_for(ready, 30, "score-service serve")
+    return Service(base, process, log)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
