@@ -126,3 +126,11 @@ def service(env: dict[str, str], r: redis.Redis, tmp_path: Path) -> Iterator[Ser
     svc = start_service(env, tmp_path / "serve.log")
     yield svc
     stop_process(svc.process)
+
+
+@pytest.fixture(scope="session")
+def queue_server(servers: Servers) -> Iterator[RedisServer]:
+    """A Redis server for a cluster deployment's job queue (RQ cannot use a cluster)."""
+    server = RedisServer(servers.directory / "queue").start()
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import httpx
+import psycopg
 
 from service.dev.servers import PostgresServer, RedisServer, free_port, wait_for
 
@@ -98,3 +99,18 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(5)
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`score-service worker` as a real process, its output in `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "worker"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )  # fmt: skip
+
+
+def empty_postgres(servers: Servers) -> None:
+    """No user, no event, no layout: a new deployment's Postgres."""
+    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
+        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")

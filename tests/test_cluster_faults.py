@@ -4,8 +4,6 @@ the totals add up exactly, in Postgres and in Redis."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,14 @@ import pytest
 import redis
 from persist_support import cli
 from players import Players
-from support import ROOT, Servers, make_env, start_service, stop_process
+from support import (
+    Servers,
+    empty_postgres,
+    make_env,
+    start_service,
+    start_worker,
+    stop_process,
+)
 
 from service.dev.servers import RedisServer, wait_for
 from service.dev.topologies import LocalCluster
@@ -33,13 +38,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     started.stop()
 
 
-@pytest.fixture(scope="module")
-def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("queue")).start()
-    yield server
-    server.stop()
-
-
 def test_a_partition_resharded_under_load_loses_and_doubles_nothing(
     cluster: LocalCluster, queue_server: RedisServer, servers: Servers, tmp_path: Path
 ) -> None:
@@ -47,8 +45,7 @@ def test_a_partition_resharded_under_load_loses_and_doubles_nothing(
         with redis.Redis(port=node.port) as c:
             if c.info("replication")["role"] == "master":
                 c.flushall()
-    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")
+    empty_postgres(servers)
     env = make_env(
         servers,
         REDIS_URL=cluster.url,
@@ -59,11 +56,7 @@ def test_a_partition_resharded_under_load_loses_and_doubles_nothing(
     users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
     assert cli(env, "users", "add", *users).returncode == 0
     svc = start_service(env, tmp_path / "serve.log")
-    with open(tmp_path / "worker.log", "ab") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
+    worker = start_worker(env, tmp_path / "worker.log")
     moving = KeySchema(PARTITIONS).partition(0)
     try:
         with Players(svc.base, settings, users) as players:

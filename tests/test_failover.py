@@ -6,18 +6,22 @@ and Redis equals Postgres."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 from persist_support import cli
 from players import Players
-from support import ROOT, Servers, make_env, start_service, stop_process
+from support import (
+    Servers,
+    empty_postgres,
+    make_env,
+    start_service,
+    start_worker,
+    stop_process,
+)
 
 from service.connections import sync_redis
 from service.dev.servers import RedisServer, wait_for
@@ -31,13 +35,6 @@ PARTITIONS = 3
 RECOVERY_DEADLINE_S = 30.0
 """Writes must come back by themselves within this (measured in `make bench`; the README
 gives the numbers)."""
-
-
-@pytest.fixture(scope="module")
-def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("queue")).start()
-    yield server
-    server.stop()
 
 
 def _report_losses(
@@ -87,8 +84,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_increment(
     invented and that reconcile names every user whose stores disagree."""
     shipped = REDIS_CONF.read_text()
     deployment = (LocalCluster if kind == "cluster" else LocalSentinel)(tmp_path / kind).start()
-    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")
+    empty_postgres(servers)
     extra = {"SCORE_QUEUE_URL": queue_server.url} if kind == "cluster" else {}
     env = make_env(
         servers,
@@ -101,11 +97,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_increment(
     users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
     assert cli(env, "users", "add", *users).returncode == 0
     svc = start_service(env, tmp_path / "serve.log")
-    with open(tmp_path / "worker.log", "ab") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
+    worker = start_worker(env, tmp_path / "worker.log")
     try:
         with Players(svc.base, settings, users) as players:
             wait_for(lambda: players.acknowledged() > 300, 30, "traffic")

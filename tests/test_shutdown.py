@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -28,7 +27,13 @@ import websockets
 from http_support import Cut, read_reply, score_request
 from live_support import ws_url
 from persist_support import keyed_rows, ledger, pg_scores, redis_totals, submit, unpersisted
-from support import ROOT, Servers, make_env, start_service, stop_process
+from support import (
+    Servers,
+    make_env,
+    start_service,
+    start_worker,
+    stop_process,
+)
 from websockets.sync.client import connect as ws_connect
 
 from service.auth import mint
@@ -129,14 +134,6 @@ def watch_live(base: str, drained: threading.Event, closes: list[tuple[int | Non
                 ws.recv(timeout=2 * WAIT_S)
         except websockets.ConnectionClosed as closed:
             closes.append((closed.rcvd.code if closed.rcvd else None, drained.is_set()))
-
-
-def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
 
 
 def sigterm_group(process: subprocess.Popen[bytes]) -> int:

@@ -5,8 +5,6 @@ command, with three partitions, checked against a client-side ledger."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -19,7 +17,14 @@ import pytest
 import redis
 from live_support import connect, recv_frame
 from persist_support import cli
-from support import ROOT, Servers, make_env, start_service, stop_process
+from support import (
+    Servers,
+    empty_postgres,
+    make_env,
+    start_service,
+    start_worker,
+    stop_process,
+)
 
 from service.auth import mint
 from service.dev.servers import RedisServer, wait_for
@@ -45,14 +50,6 @@ def deployment(
         started.stop()
 
 
-@pytest.fixture(scope="module")
-def queue_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """The RQ queue's Redis of a cluster deployment (RQ cannot use a cluster)."""
-    server = RedisServer(tmp_path_factory.mktemp("queue")).start()
-    yield server
-    server.stop()
-
-
 def primaries(deployment: Deployment) -> list[int]:
     """The ports of the deployment's primaries, now."""
     ports = []
@@ -69,8 +66,7 @@ def topo_env(deployment: Deployment, queue_server: RedisServer, servers: Servers
     for port in primaries(deployment):
         with redis.Redis(port=port) as c:
             c.flushall()
-    with psycopg.connect(servers.postgres.url, autocommit=True) as conn:
-        conn.execute("TRUNCATE users, score_events, score_events_pruned, score_layout")
+    empty_postgres(servers)
     extra = {"SCORE_QUEUE_URL": queue_server.url} if isinstance(deployment, LocalCluster) else {}
     return make_env(servers, REDIS_URL=deployment.url, SCORE_PARTITIONS=str(PARTITIONS), **extra)
 
@@ -90,7 +86,7 @@ def test_every_part_works_and_the_totals_add_up(
     out = cli(topo_env, "users", "add", *users)
     assert out.returncode == 0, out.stderr
     svc = start_service(topo_env, tmp_path / "serve.log")
-    worker = cli_process(topo_env, tmp_path / "worker.log")
+    worker = start_worker(topo_env, tmp_path / "worker.log")
     ledger: Counter[str] = Counter()
     lock = threading.Lock()
     try:
@@ -159,15 +155,6 @@ async def _watch_a_change(base: str, settings: Settings, user: str) -> None:
         while not any(e["user_id"] == user and e["score"] == 1 for e in frame["top"]):
             frame = await recv_frame(ws)
         assert order(frame["version"]) > order(first["version"]), (first, frame)
-
-
-def cli_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """`score-service worker` as a real process."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
 
 
 def test_a_cluster_cannot_hold_the_job_queue(servers: Servers) -> None:

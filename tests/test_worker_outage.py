@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,9 +22,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+import support
 from fault_proxy import FaultProxy, Mode
 from persist_support import pg_scores, submit
-from support import ROOT, Servers, make_env
+from support import Servers, make_env
 
 from persister.schema import migrate
 from service.dev.servers import PostgresServer, RedisServer, wait_for
@@ -52,12 +52,7 @@ class Worker:
 
 
 def start_worker(env: dict[str, str], log: Path) -> Worker:
-    with open(log, "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )  # fmt: skip
-    return Worker(process, log)
+    return Worker(support.start_worker(env, log), log)
 
 
 def stop_worker(worker: Worker) -> None:
