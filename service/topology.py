@@ -64,18 +64,6 @@ class RedisTarget:
     """Connection options from the URL (credentials, db, TLS settings)."""
     sentinel_options: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def describe(self) -> str:
-        """For logs and errors: the topology and its hosts, never the credentials."""
-        if self.kind == "server":
-            parts = urlsplit(self.url)
-            where = parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port}"
-            return f"Redis server {where}"
-        hosts = ",".join(f"{h}:{p}" for h, p in self.hosts)
-        if self.kind == "sentinel":
-            return f"Redis Sentinel {hosts}, primary {self.master!r}"
-        return f"Redis Cluster {hosts}"
-
 
 @cache
 def parse(url: str, name: str = "REDIS_URL") -> RedisTarget:

