@@ -338,13 +338,15 @@ class ClusterAutoPipeline:
                 raise
             except redis.exceptions.MovedError:
                 REDIRECTS.labels("moved").inc()
-                await nodes.initialize()
+                self._stale = True  # the calls that met the same move read the map once
+                await self._refresh()
                 asking_at = None
             except redis.exceptions.AskError as exc:
                 REDIRECTS.labels("ask").inc()
                 asking_at = f"{exc.host}:{exc.port}"
                 if nodes.get_node(node_name=asking_at) is None:
-                    await nodes.initialize()
+                    self._stale = True
+                    await self._refresh()
             except redis.exceptions.TryAgainError:
                 REDIRECTS.labels("tryagain").inc()
                 await asyncio.sleep(LOOK_AGAIN_S)
