@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
 import redis.asyncio as aioredis
@@ -76,23 +76,25 @@ def parse(url: str, name: str = "REDIS_URL") -> RedisTarget:
 
 
 def _parse(url: str) -> RedisTarget:
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in SCHEMES:
         raise BadRedisUrl(
             f"REDIS_URL must be a URL with scheme {' or '.join(SCHEMES)}, "
-            f"got scheme {parts.scheme or 'none'!r}"
+            f"got scheme {(scheme if sep else '') or 'none'!r}"
         )
-    kind, tls = SCHEMES[parts.scheme]
+    kind, tls = SCHEMES[scheme]
     if kind == "server":
         return RedisTarget(kind, tls, url)
-    netloc = parts.netloc
+    # Split by hand: urllib refuses a bracketed IPv6 host inside a list of hosts
+    rest, _, query_text = rest.partition("?")
+    netloc, _, path_text = rest.partition("/")
     credentials, _, host_list = netloc.rpartition("@")
     hosts = tuple(_host(h, kind) for h in host_list.split(",") if h.strip())
     if not hosts:
-        raise BadRedisUrl(f"REDIS_URL ({parts.scheme}) must name at least one host:port")
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        raise BadRedisUrl(f"REDIS_URL ({scheme}) must name at least one host:port")
+    query = dict(parse_qsl(query_text, keep_blank_values=True))
     sentinel_auth = {k: query.pop(k) for k in _SENTINEL_AUTH if k in query}
-    path = [unquote(p) for p in parts.path.split("/") if p]
+    path = [unquote(p) for p in path_text.split("/") if p]
     master, db = "", "0"
     if kind == "sentinel":
         if not path or len(path) > 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import os
 import shutil
 import tempfile
 import uuid
@@ -34,7 +35,7 @@ from persister.events import Event
 from persister.stream import EventStream
 from service.batching import AutoPipeline
 from service.connections import async_redis, sync_redis
-from service.dev.servers import RedisServer, free_port
+from service.dev.servers import RedisServer, ServerError, free_port
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings
@@ -69,21 +70,25 @@ class OneLostReply(FaultProxy):
 
 
 @pytest.fixture(scope="module")
-def tls_redis() -> Iterator[tuple[RedisServer, int, Path]]:
+def tls_redis() -> Iterator[tuple[RedisServer, int | None, Path]]:
     """A throwaway Redis with a TLS port (a self-signed certificate for 127.0.0.1) beside its
-    TCP port; its TLS port and the certificate."""
+    TCP port; its TLS port and the certificate. A redis-server built without TLS (the
+    embedded one) gets no TLS port: None."""
     directory = Path(tempfile.mkdtemp(prefix="score-tls-"))
     cert, key = directory / "cert.pem", directory / "key.pem"
     _self_signed(cert, key)
-    tls_port = free_port()
-    server = RedisServer(
-        directory / "redis",
-        extra=[
-            "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
-            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-            "--tls-auth-clients", "no",
-        ],
-    ).start()  # fmt: skip
+    tls_port: int | None = free_port()
+    tls = [
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+        "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+        "--tls-auth-clients", "no",
+    ]  # fmt: skip
+    try:
+        server = RedisServer(directory / "redis", extra=tls).start()
+    except ServerError as exc:
+        if "tls-port" not in str(exc):
+            raise
+        server, tls_port = RedisServer(directory / "redis-plain").start(), None
     try:
         yield server, tls_port, cert
     finally:
@@ -121,7 +126,7 @@ def _self_signed(cert_path: Path, key_path: Path) -> None:
 
 
 def _proxied(
-    scheme: str, tls: tuple[RedisServer, int, Path], directory: Path
+    scheme: str, tls: tuple[RedisServer, int | None, Path], directory: Path
 ) -> tuple[OneLostReply, str]:
     """A proxy in front of the TLS Redis, and the REDIS_URL of `scheme` through it."""
     server, tls_port, cert = tls
@@ -129,6 +134,7 @@ def _proxied(
         path = directory / "redis.sock"
         return OneLostReply("127.0.0.1", server.port, path).start(), f"unix://{path}?db=0"
     if scheme == "rediss":
+        assert tls_port is not None
         proxy = OneLostReply("127.0.0.1", tls_port).start()
         return proxy, f"rediss://127.0.0.1:{proxy.port}/0?ssl_ca_certs={cert}"
     proxy = OneLostReply("127.0.0.1", server.port).start()
@@ -146,11 +152,16 @@ def short_dir() -> Iterator[Path]:
 @pytest.mark.parametrize("scheme", ["redis", "unix", "rediss"])
 def test_a_submit_whose_reply_is_lost_fails_and_counts_once(
     scheme: str,
-    tls_redis: tuple[RedisServer, int, Path],
+    tls_redis: tuple[RedisServer, int | None, Path],
     servers: Servers,
     short_dir: Path,
 ) -> None:
     server = tls_redis[0]
+    if scheme == "rediss" and tls_redis[1] is None:
+        message = "this redis-server is built without TLS (the embedded one): rediss:// not run"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: a missing TLS Redis fails the run)", pytrace=False)
+        pytest.skip(message)
     direct = redis.Redis.from_url(server.url)
     direct.flushall()
     settings = Settings(redis_url=server.url, jwt_secret="s" * 40)

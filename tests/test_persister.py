@@ -65,16 +65,24 @@ def test_the_lag_trusts_the_stream_over_the_groups_stale_counter(
     assert done is not None and done.events == 30
     for i in range(4):  # some events left undelivered, so the estimate is checked both ways
         submit(settings, r, users[0], 1)
-    last = r.xinfo_groups(keys.events)[0]["last-delivered-id"]
-    r.execute_command("XGROUP", "SETID", keys.events, PERSISTER_GROUP, last, "ENTRIESREAD", 0)
-    assert r.xinfo_groups(keys.events)[0]["lag"] == 34  # the stale counter
+    # Redis 7 keeps the counter (6.2, the embedded one, has none: the stream is all there is)
+    counted = int(r.info("server")["redis_version"].split(".")[0]) >= 7
 
+    def stale(last: str) -> None:
+        if counted:
+            r.execute_command(
+                "XGROUP", "SETID", keys.events, PERSISTER_GROUP, last, "ENTRIESREAD", 0
+            )
+            assert r.xinfo_groups(keys.events)[0]["lag"] > 0
+
+    stale(r.xinfo_groups(keys.events)[0]["last-delivered-id"])
+    if counted:
+        assert r.xinfo_groups(keys.events)[0]["lag"] == 34  # the stale counter
     (lag,) = read_lags_sync(r, [keys])
     assert (lag.pending, lag.undelivered) == (0, 4)  # at most what the stream holds
 
     assert persister.drain(0) is not None
-    r.execute_command("XGROUP", "SETID", keys.events, PERSISTER_GROUP, "$", "ENTRIESREAD", 0)
-    assert r.xinfo_groups(keys.events)[0]["lag"] > 0
+    stale("$")
     (lag,) = read_lags_sync(r, [keys])
     assert (lag.unpersisted, lag.oldest_age_s) == (0, 0.0)  # nothing after the last delivered
 

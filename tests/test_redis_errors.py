@@ -27,7 +27,7 @@ BUSY_LOOP = "while true do end"  # read-only: SCRIPT KILL ends it
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis", extra=["--busy-reply-threshold", "50"]).start()
+    server = RedisServer(tmp_path / "redis", extra=["--lua-time-limit", "50"]).start()
     yield server
     server.stop()
 
