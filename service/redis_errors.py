@@ -38,11 +38,12 @@ _CODE = re.compile(r"\b(" + "|".join(_WHY) + r")\b")
 
 def _code(exc: redis.exceptions.RedisError) -> str:
     """The error reply's code: redis-py keeps it aside for the errors it has a class for, and
-    wraps a pipeline's errors in a sentence ("Command # 1 (...) caused error: ('BUSY ...')")."""
-    if exc.status_code:
+    wraps a pipeline's errors in a sentence ("Command # 1 (...) caused error: ('BUSY ...')"),
+    and Redis 6.2 a script's in its own ("ERR Error running script ...: -READONLY ...")."""
+    if exc.status_code in _WHY:
         return exc.status_code
     found = _CODE.search(str(exc))
-    return found.group(1) if found else ""
+    return found.group(1) if found else exc.status_code or ""
 
 
 def _unavailable(detail: str) -> ApiError:

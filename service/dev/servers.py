@@ -257,7 +257,10 @@ class RedisServer:
 
     def _alive(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
-            err = self.process.stderr.read().decode() if self.process.stderr else ""
+            err = ""
+            if self.process.stderr is not None:
+                err = self.process.stderr.read().decode()
+                self.process.stderr.close()
             log = (
                 (self.directory / "redis.log").read_text()
                 if (self.directory / "redis.log").exists()
