@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import enum
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Coroutine, Iterator
@@ -45,8 +46,11 @@ _CHUNK = 65536
 class FaultProxy:
     """127.0.0.1:<port> -> upstream host:port, with faults (see the module docstring)."""
 
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self, upstream_host: str, upstream_port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.tls = tls  # clients speak TLS to the proxy, which speaks plain TCP upstream
         self.mode = Mode.PASS
         self.delay_s = 0.0
         self.connections = 0  # accepted so far
@@ -60,7 +64,7 @@ class FaultProxy:
     def start(self) -> FaultProxy:
         self._thread.start()
         self._server = self._call(
-            asyncio.start_server(self._handle, "127.0.0.1", 0, reuse_address=True)
+            asyncio.start_server(self._handle, "127.0.0.1", 0, reuse_address=True, ssl=self.tls)
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
