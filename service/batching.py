@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ REDIRECTS = Counter(
 MAX_REDIRECTS = 5
 """A call follows at most this many MOVED/ASK/TRYAGAIN replies (none of which ran it)."""
 LOOK_AGAIN_S = 0.02
+_STALE_PRIMARY = re.compile(r"\b(READONLY|NOREPLICAS)\b")
+"""Error replies (whole, or inside a script's ERR on Redis 6.2) of a primary that is no longer
+one, or cut off from its replicas."""
 # redis-py's connections over asyncio streams (`_reader`, `_writer`), one per URL scheme
 _STREAM_CONNECTIONS = (
     aioredis.Connection,
@@ -83,7 +87,10 @@ class AutoPipeline:
         # WAIT answers after up to wait_ms: the deadline of a call grows by as much
         self._timeout = timeout + (replication.wait_ms / 1000 if replication.replicas else 0)
         self._queued: list[tuple[bytes, asyncio.Future[Any]]] = []  # not yet written
-        self._waiting: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        # written calls: when, their future, and for a WAIT the replicas it must count
+        self._waiting: collections.deque[tuple[float, asyncio.Future[Any], int]] = (
+            collections.deque()
+        )
         self._conn: Any = None  # the borrowed redis.asyncio.Connection
         self._connecting: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -135,12 +142,15 @@ class AutoPipeline:
                 self._connecting = asyncio.get_running_loop().create_task(self._connect())
             return
         batch, self._queued = self._queued, []
-        if self._replication.replicas:
-            batch = _confirmed(batch, self._replication)
-        writer.write(b"".join(packed for packed, _ in batch))
         loop = asyncio.get_running_loop()
         written = loop.time()
-        self._waiting.extend((written, future) for _, future in batch)
+        if self._replication.replicas:
+            batch = _confirmed(batch, self._replication)
+            self._waiting.extend((written, future, 0) for _, future in batch[:-1])
+            self._waiting.append((written, batch[-1][1], self._replication.replicas))
+        else:
+            self._waiting.extend((written, future, 0) for _, future in batch)
+        writer.write(b"".join(packed for packed, _ in batch))
         if self._watchdog is None:
             self._watchdog = loop.call_at(written + self._timeout, self._check_deadline)
 
@@ -169,7 +179,7 @@ class AutoPipeline:
         parser = hiredis.Reader(replyError=redis.exceptions.ResponseError)
         waiting = self._waiting
         error: Exception = redis.exceptions.ConnectionError("Redis closed the connection")
-        demoted = False
+        stale = ""
         try:
             while True:
                 data = await stream.read(READ_CHUNK)
@@ -178,19 +188,22 @@ class AutoPipeline:
                 self._last_reply = asyncio.get_running_loop().time()
                 parser.feed(data)
                 while (reply := parser.gets()) is not False:
-                    _, future = waiting.popleft()
-                    if future.done():  # timed out meanwhile
-                        continue
+                    _, future, confirms = waiting.popleft()
                     if isinstance(reply, redis.exceptions.ResponseError):
-                        refused = _error(str(reply))
-                        future.set_exception(refused)
-                        demoted = demoted or isinstance(refused, redis.exceptions.ReadOnlyError)
-                    else:
+                        if _STALE_PRIMARY.search(str(reply)):
+                            stale = str(reply)
+                        if not future.done():  # else: timed out meanwhile
+                            future.set_exception(_error(str(reply)))
+                        continue
+                    if confirms and reply < confirms:
+                        stale = f"WAIT {confirms}: {reply}"
+                    if not future.done():
                         future.set_result(reply)
-                if demoted:
-                    # A primary demoted by a failover answers READONLY (nothing ran): drop the
-                    # connection, and a new one asks the sentinels for the new primary.
-                    error = redis.exceptions.ConnectionError("this Redis is a replica now")
+                if stale:
+                    # A primary demoted by a failover (READONLY: nothing ran), or one cut off
+                    # from its replicas (NOREPLICAS, or WAIT short): maybe no longer the one
+                    # the sentinels name. Drop the connection: a new one asks them again.
+                    error = redis.exceptions.ConnectionError(f"not a healthy primary: {stale}")
                     break
         except (OSError, hiredis.ProtocolError, IndexError) as exc:
             error = redis.exceptions.ConnectionError(f"Error while reading from Redis: {exc!r}")
@@ -216,7 +229,7 @@ class AutoPipeline:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        written, _ = self._waiting[0]
+        written, _, _ = self._waiting[0]
         # The oldest call gets `timeout`, and a second one while Redis keeps answering: a
         # busy process reads late (its timers can fire before it reads what has arrived),
         # which is no reason to answer 503.
@@ -242,7 +255,7 @@ class AutoPipeline:
 
     def _fail_waiting(self, error: Exception) -> None:
         while self._waiting:
-            _, future = self._waiting.popleft()
+            _, future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(_copy(error))
 

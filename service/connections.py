@@ -15,9 +15,11 @@ import redis.asyncio as aioredis
 import redis.asyncio.retry
 import redis.exceptions
 import redis.retry
+import redis.sentinel
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
+from redis.utils import SENTINEL
 
 from service import topology
 from service.settings import ConfigError, Settings
@@ -140,7 +142,45 @@ def _blocking(target: topology.RedisTarget, overrides: dict[str, Any]) -> redis.
         "health_check_interval": 0,
     }
     client: redis.Redis = topology.sync_client(target, **(options | overrides))
+    pool = getattr(client, "connection_pool", None)  # a cluster has one per node, none here
+    if pool is not None:
+        pool.connection_class = _DISCONNECTS_ON_ERROR.get(
+            pool.connection_class, pool.connection_class
+        )
     return client
+
+
+class _DisconnectOnError(redis.sentinel.SentinelManagedConnection):
+    """redis-py's blocking Sentinel connection, unlike every other, keeps a connection whose
+    read was interrupted (`disconnect_on_error` defaults to False there): the next command on
+    it reads the interrupted one's reply. Seen: RQ's SIGTERM (StopRequested) inside its BLPOP
+    left the connection in the pool, and the worker's goodbye waited minutes for BLPOP's reply.
+    Here it is dropped, as every other connection class does."""
+
+    def read_response(
+        self,
+        disable_decoding: bool = False,
+        *,
+        timeout: float | object = SENTINEL,
+        disconnect_on_error: bool | None = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        return super().read_response(
+            disable_decoding,
+            timeout=timeout,
+            disconnect_on_error=disconnect_on_error,
+            push_request=push_request,
+        )
+
+
+class _DisconnectOnErrorSSL(_DisconnectOnError, redis.sentinel.SentinelManagedSSLConnection):
+    pass
+
+
+_DISCONNECTS_ON_ERROR: dict[type[Any], type[Any]] = {
+    redis.sentinel.SentinelManagedConnection: _DisconnectOnError,
+    redis.sentinel.SentinelManagedSSLConnection: _DisconnectOnErrorSSL,
+}
 
 
 # A read sent again after a broken connection: after a failover, the first use of a pooled

@@ -1,8 +1,9 @@
-"""Where the files the service ships beside its code are: the Lua scripts and redis.conf.
+"""Where the files the service ships beside its code are: the Lua scripts, redis.conf and the
+Sentinel and Cluster configuration guides.
 
-They live at the top of the repository (`lua/`, `redis.conf`), where a reader looks for
-them. A wheel carries them as package data of `service` (`service/lua/*.lua`,
-`service/conf/redis.conf`; pyproject.toml maps them in, the whole of lua/ by glob); a
+They live at the top of the repository (`lua/`, `redis.conf`, `deploy/`), where a reader looks
+for them. A wheel carries them as package data of `service` (`service/lua/*.lua`,
+`service/conf/redis.conf`, `service/conf/deploy/*.conf`; pyproject.toml maps them in); a
 checkout, or an editable install of one, reads them where they are.
 """
 
@@ -23,3 +24,6 @@ def _find(in_package: str, in_checkout: str) -> Path:
 
 LUA_DIR = _find("lua", "lua")
 REDIS_CONF = _find("conf/redis.conf", "redis.conf")
+DEPLOY_DIR = _find("conf/deploy", "deploy")
+"""redis-replicated.conf, redis-cluster.conf, sentinel.conf: what a Sentinel or Cluster
+deployment adds to redis.conf (the README's "Deploying")."""

@@ -14,6 +14,11 @@ use it alike. Faults are chosen by mode, changed at any time:
 - `REFUSE`: new connections are closed at once (a server that is down).
 
 `reset_all()` resets every open connection now (a proxy or network restart).
+
+`isolate(hosts)` partitions the upstream from the clients that connect from those source
+addresses (each process of a test deployment can bind one of its own, 127.0.0.N), whatever the
+mode: their bytes stop flowing both ways and their new connections hang, until `heal()`; then
+what was held flows on, as TCP delivers it after a short partition. The other clients go on.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -56,6 +61,9 @@ class FaultProxy:
         self.connections = 0  # accepted so far
         self.dropped_replies = 0  # connections reset after swallowing a reply
         self._writers: set[asyncio.StreamWriter] = set()
+        self._isolated: frozenset[str] = frozenset()
+        self._healed = asyncio.Event()
+        self._healed.set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -97,6 +105,23 @@ class FaultProxy:
 
         self._call(reset())
 
+    def isolate(self, hosts: Iterable[str]) -> None:
+        """Cut the clients from `hosts` off (see the module docstring)."""
+        isolated = frozenset(hosts)
+
+        async def cut() -> None:  # on the proxy's loop: asyncio is not thread-safe
+            self._isolated = isolated
+            self._healed.clear()
+
+        self._call(cut())
+
+    def heal(self) -> None:
+        async def heal() -> None:
+            self._isolated = frozenset()
+            self._healed.set()
+
+        self._call(heal())
+
     @contextlib.contextmanager
     def fault(self, mode: Mode, delay_s: float = 0.0) -> Iterator[None]:
         """`mode` for the duration of the block, then PASS again."""
@@ -114,6 +139,9 @@ class FaultProxy:
         if self.mode is Mode.REFUSE:
             _reset(writer)
             return
+        peer = str(writer.get_extra_info("peername")[0])
+        while peer in self._isolated:  # a connect across a partition hangs
+            await self._healed.wait()
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -123,8 +151,8 @@ class FaultProxy:
         pair = (writer, up_writer)
         try:
             await asyncio.gather(
-                self._pump(reader, up_writer, pair, reply=False),
-                self._pump(up_reader, writer, pair, reply=True),
+                self._pump(reader, up_writer, pair, peer, reply=False),
+                self._pump(up_reader, writer, pair, peer, reply=True),
             )
         finally:
             for w in pair:
@@ -136,11 +164,14 @@ class FaultProxy:
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         pair: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        peer: str,
         *,
         reply: bool,
     ) -> None:
         try:
             while data := await src.read(_CHUNK):
+                while peer in self._isolated:  # held, not lost: TCP retransmits across one
+                    await self._healed.wait()
                 mode = self.mode
                 if mode is Mode.BLACKHOLE:
                     continue

@@ -15,9 +15,9 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from service.batching import AutoPipeline
+from service.batching import AutoPipeline, NotReplicated, Replication
 from service.connections import SOCKET_TIMEOUT_S, async_redis
-from service.dev.servers import RedisServer
+from service.dev.servers import RedisServer, wait_for
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings
@@ -125,6 +125,44 @@ async def test_a_hung_redis_times_out_every_waiting_call(own_redis: RedisServer)
         assert await pipeline.execute("GET", "other") == b"v"
     finally:
         await c.aclose()
+
+
+async def test_a_primary_without_its_replicas_loses_the_connection_not_the_calls(
+    own_redis: RedisServer,
+) -> None:
+    """NOREPLICAS (min-replicas-to-write) and a short WAIT say this primary may be cut off and
+    replaced: the pipeline drops the connection, so the next one asks the sentinels again who
+    the primary is. Each call still gets its own answer, and nothing is sent twice."""
+    settings = Settings(redis_url=own_redis.url, jwt_secret="s" * 40)
+    c = async_redis(settings, client_name=NAME)
+    admin = redis.Redis(port=own_redis.port)
+
+    def connection_ids() -> set[int]:
+        return {int(x["id"]) for x in admin.client_list() if x["name"] == NAME}
+
+    try:
+        pipeline = AutoPipeline.for_client(c, SOCKET_TIMEOUT_S)
+        assert pipeline is not None
+        assert await pipeline.execute("INCR", "k") == 1
+        first = connection_ids()
+        admin.config_set("min-replicas-to-write", 1)  # this server has none
+        with pytest.raises(redis.exceptions.ResponseError, match="NOREPLICAS"):
+            await pipeline.execute("INCR", "k")
+        admin.config_set("min-replicas-to-write", 0)
+        assert await pipeline.execute("INCR", "k") == 2  # ran once, on a new connection
+        second = connection_ids()
+        assert second.isdisjoint(first)
+
+        waiting = AutoPipeline.for_client(c, SOCKET_TIMEOUT_S, Replication(replicas=1, wait_ms=1))
+        assert waiting is not None
+        with pytest.raises(NotReplicated, match="confirmed by 0 of 1"):
+            await waiting.execute("INCR", "k")
+        assert await pipeline.execute("GET", "k") == b"3"  # ran once
+        # the connection WAIT came short on is closed (the other pipeline's stays)
+        wait_for(lambda: connection_ids() == second, 5, "the connection to close")
+    finally:
+        await c.aclose()
+        admin.close()
 
 
 def test_fakes_are_left_to_redis_py_and_every_scheme_is_pipelined() -> None:

@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import ipaddress
 import shutil
+import signal
 import ssl
 import tempfile
 import uuid
@@ -36,6 +37,7 @@ from persister.stream import EventStream
 from service.batching import AutoPipeline
 from service.connections import async_redis, sync_redis
 from service.dev.servers import RedisServer
+from service.dev.topologies import LocalSentinel
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
 from service.settings import Settings
@@ -247,3 +249,28 @@ def test_a_transport_closed_under_uvloop_is_a_connection_error(servers: Servers)
             await client.aclose()
 
     assert uvloop.run(scenario()) == b"again"
+
+
+class _Interrupted(Exception):
+    """What RQ's SIGTERM handler raises inside a blocking read (StopRequested)."""
+
+
+def test_a_sentinel_read_cut_short_leaves_no_reply_for_the_next_command(tmp_path: Path) -> None:
+    """redis-py's blocking Sentinel connection would stay in the pool after a read cut short by
+    an exception, and the next command on it would wait for the cut one's reply (a worker's
+    SIGTERM during its idle BLPOP: the goodbye hung for minutes)."""
+    deployment = LocalSentinel(tmp_path / "sentinel", replicas=1, sentinels=1).start()
+    settings = Settings(redis_url=deployment.url, jwt_secret="s" * 40)
+    client = sync_redis(settings, socket_timeout=30)
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(_Interrupted()))
+    try:
+        client.set("k", "v")
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(_Interrupted):
+            client.blpop(["empty"], timeout=20)
+        assert client.get("k") == b"v"  # its own reply, not BLPOP's (nil, 20 s later)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        client.close()
+        deployment.stop()

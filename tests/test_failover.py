@@ -1,10 +1,12 @@
 """A primary killed (SIGKILL) while players post, on a real Sentinel deployment and a real
-Redis Cluster, with SCORE_REDIS_MIN_REPLICAS=1: the service answers only 200 or 503, writes
-come back by themselves, and after the drain Postgres equals the client-side ledger exactly
-and Redis equals Postgres."""
+Redis Cluster, and a primary cut off from its replicas and sentinels by a network partition,
+with SCORE_REDIS_MIN_REPLICAS=1: the service answers only 200 or 503, writes come back by
+themselves, and after the drain Postgres equals the client-side ledger exactly and Redis
+equals Postgres."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 import uuid
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
+from fault_proxy import FaultProxy
 from persist_support import cli
 from players import Players
 from support import (
@@ -25,7 +29,7 @@ from support import (
 
 from service.connections import sync_redis
 from service.dev.servers import RedisServer, wait_for
-from service.dev.topologies import LocalCluster, LocalSentinel
+from service.dev.topologies import MASTER_NAME, LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.persister_lag import read_lags_sync
 from service.settings import Settings
@@ -139,3 +143,75 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_increment(
         stop_process(svc.process)
         stop_process(worker)
         deployment.stop()
+
+
+def _primary_port(deployment: LocalSentinel) -> int:
+    """The port of the primary the sentinels name now."""
+    with redis.Redis(port=deployment.watchers[0].port, decode_responses=True) as sentinel:
+        _, port = sentinel.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME)  # type: ignore[no-untyped-call]
+    return int(port)
+
+
+def test_a_primary_cut_off_from_its_replicas_and_sentinels_keeps_every_acknowledged_increment(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """The dangerous partition: the service still reaches the old primary, its replicas and
+    the sentinels do not (a proxy in front of it cuts their addresses off). The sentinels
+    promote a replica; whatever the old primary takes meanwhile is thrown away when the
+    partition heals and it rejoins as a replica. With SCORE_REDIS_MIN_REPLICAS=1 none of it
+    was acknowledged (WAIT came short: 503), and the service leaves the old primary for the
+    one the sentinels name without waiting for the partition to heal."""
+    proxies: list[FaultProxy] = []
+
+    def through_a_proxy(primary: RedisServer) -> int:
+        proxies.append(FaultProxy("127.0.0.1", primary.port).start())
+        return proxies[0].port
+
+    deployment = LocalSentinel(tmp_path / "sentinel", own_addresses=True, front=through_a_proxy)
+    empty_postgres(servers)
+    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
+    with contextlib.ExitStack() as running:  # stopped in reverse order, whatever fails
+        running.callback(lambda: [p.stop() for p in proxies])
+        running.callback(deployment.stop)
+        deployment.start()
+        (proxy,) = proxies
+        env = make_env(
+            servers,
+            REDIS_URL=deployment.url,
+            SCORE_PARTITIONS=str(PARTITIONS),
+            SCORE_REDIS_MIN_REPLICAS="1",
+        )
+        old = deployment.servers[0]
+        assert cli(env, "users", "add", *users).returncode == 0
+        svc = start_service(env, tmp_path / "serve.log")
+        running.callback(stop_process, svc.process)
+        running.callback(stop_process, start_worker(env, tmp_path / "worker.log"))
+        with Players(svc.base, Settings.from_env(env), users) as players:
+            wait_for(lambda: players.acknowledged() > 300, 30, "traffic")
+            others = deployment.servers[1:] + deployment.watchers
+            proxy.isolate(deployment.addresses[s.port] for s in others)
+            cut_at = time.monotonic()
+            wait_for(lambda: _primary_port(deployment) != proxy.port, 30, "a new primary")
+            wait_for(
+                lambda: players.last_acknowledged_at() > cut_at + 1,
+                RECOVERY_DEADLINE_S,
+                "writes to succeed on the new primary while the old one is cut off",
+            )
+            after = players.acknowledged()
+            wait_for(lambda: players.acknowledged() > after + 300, 30, "traffic meanwhile")
+            proxy.heal()
+            with redis.Redis(port=old.port, decode_responses=True) as c:
+                wait_for(
+                    lambda: c.info("replication")["role"] == "slave",
+                    30,
+                    "the old primary to rejoin as a replica",
+                )
+            after = players.acknowledged()
+            wait_for(lambda: players.acknowledged() > after + 300, 30, "traffic after")
+        assert set(players.statuses) <= {200, 503}, players.statuses
+        assert players.statuses[503] > 0  # the partition was felt: else the test proves nothing
+
+        expected = {u: players.ledger[u] for u in users}
+        wait_for(lambda: _pg_scores(servers) == expected, 60, "Postgres = the ledger")
+        out = cli(env, "reconcile")
+        assert out.returncode == 0, out.stdout + out.stderr  # Redis = Postgres

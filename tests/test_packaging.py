@@ -96,13 +96,18 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.lua")):
 print(d.REDIS_CONF)
 server = RedisServer(pathlib.Path(sys.argv[2])).start()
 server.stop()
+import service.shipped as shipped
+guides = sorted(p.name for p in shipped.DEPLOY_DIR.glob("*.conf"))
+assert guides == ["redis-cluster.conf", "redis-replicated.conf", "sentinel.conf"], guides
+print(shipped.DEPLOY_DIR)
 """
     out = installed.run(
         {}, sys.executable, "-c", check, str(ROOT / "lua"), str(tmp_path / "redis"), cwd=tmp_path
     )
-    package, conf = out.split()
+    package, conf, deploy = out.split()
     assert Path(package) == installed.target / "service"
     assert Path(conf) == installed.target / "service" / "conf" / "redis.conf"
+    assert Path(deploy) == installed.target / "service" / "conf" / "deploy"
 
 
 def test_the_installed_score_service_serves_scores(

@@ -1,6 +1,7 @@
 """The whole service on a real Redis Cluster (3 primaries, 3 replicas) and a real Sentinel
-deployment (1 primary, 2 replicas, 3 sentinels), started by the suite: serve, worker and every
-command, with three partitions, checked against a client-side ledger."""
+deployment (1 primary, 2 replicas, 3 sentinels), started by the suite: serve, workers and every
+command, with three partitions and eight (spread over the primaries, drained by two workers),
+checked against a client-side ledger."""
 
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from service.settings import Settings
 from service.streamids import order
 
 Deployment = LocalCluster | LocalSentinel
-PARTITIONS = 3
 
 
 @pytest.fixture(scope="module", params=["cluster", "sentinel"])
@@ -60,15 +60,22 @@ def primaries(deployment: Deployment) -> list[int]:
     return ports
 
 
+@pytest.fixture(params=[3, 8], ids=lambda p: f"P={p}")
+def partitions(request: pytest.FixtureRequest) -> int:
+    return int(request.param)
+
+
 @pytest.fixture
-def topo_env(deployment: Deployment, queue_server: RedisServer, servers: Servers) -> dict[str, str]:
+def topo_env(
+    deployment: Deployment, partitions: int, queue_server: RedisServer, servers: Servers
+) -> dict[str, str]:
     """Clean stores, and the environment of a process of this deployment."""
     for port in primaries(deployment):
         with redis.Redis(port=port) as c:
             c.flushall()
     empty_postgres(servers)
     extra = {"SCORE_QUEUE_URL": queue_server.url} if isinstance(deployment, LocalCluster) else {}
-    return make_env(servers, REDIS_URL=deployment.url, SCORE_PARTITIONS=str(PARTITIONS), **extra)
+    return make_env(servers, REDIS_URL=deployment.url, SCORE_PARTITIONS=str(partitions), **extra)
 
 
 def pg_scores(servers: Servers) -> dict[str, int]:
@@ -78,15 +85,23 @@ def pg_scores(servers: Servers) -> dict[str, int]:
 
 
 def test_every_part_works_and_the_totals_add_up(
-    deployment: Deployment, topo_env: dict[str, str], servers: Servers, tmp_path: Path
+    deployment: Deployment,
+    partitions: int,
+    topo_env: dict[str, str],
+    servers: Servers,
+    tmp_path: Path,
 ) -> None:
+    """With eight partitions two workers drain them side by side (each partition under a lock
+    of its own): the totals still add up exactly."""
     settings = Settings.from_env(topo_env)
-    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(24)]
-    assert {KeySchema(PARTITIONS).for_user(u).index for u in users} == {0, 1, 2}
+    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(8 * partitions)]
+    assert {KeySchema(partitions).for_user(u).index for u in users} == set(range(partitions))
     out = cli(topo_env, "users", "add", *users)
     assert out.returncode == 0, out.stderr
     svc = start_service(topo_env, tmp_path / "serve.log")
-    worker = start_worker(topo_env, tmp_path / "worker.log")
+    workers = [
+        start_worker(topo_env, tmp_path / f"worker{i}.log") for i in range(1 + (partitions > 3))
+    ]
     ledger: Counter[str] = Counter()
     lock = threading.Lock()
     try:
@@ -132,12 +147,14 @@ def test_every_part_works_and_the_totals_add_up(
         assert httpx.get(f"{svc.base}/api/v1/users/{users[1]}").json()["score"] == ledger[users[1]]
         shown = cli(topo_env, "partitions")
         assert shown.returncode == 0, shown.stderr
-        if isinstance(deployment, LocalCluster):  # three partitions on three primaries
-            rows = shown.stdout.splitlines()[2:]
-            assert len({row.split()[-1] for row in rows}) == PARTITIONS, shown.stdout
+        if isinstance(deployment, LocalCluster):  # spread evenly over the three primaries
+            held = Counter(row.split()[-1] for row in shown.stdout.splitlines()[2:])
+            assert sum(held.values()) == partitions, shown.stdout
+            assert len(held) == 3 and max(held.values()) - min(held.values()) <= 1, shown.stdout
     finally:
         stop_process(svc.process)
-        stop_process(worker)
+        for worker in workers:
+            stop_process(worker)
 
 
 async def _watch_a_change(base: str, settings: Settings, user: str) -> None:

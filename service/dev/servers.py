@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -146,6 +148,16 @@ def redis_binary() -> str:
     )
 
 
+@functools.cache
+def redis_version() -> tuple[int, ...]:
+    """The version of redis_binary(): (7, 0, 15)."""
+    out = subprocess.run([redis_binary(), "--version"], capture_output=True, text=True, check=True)
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out.stdout)
+    if found is None:
+        raise ServerError(f"cannot read the version of redis-server: {out.stdout!r}")
+    return tuple(int(x) for x in found.groups())
+
+
 def postgres_bindir() -> Path:
     found = shutil.which("initdb")
     if found:
@@ -206,6 +218,8 @@ class RedisServer:
     process: subprocess.Popen[bytes] | None = None
     config: Path = REDIS_CONF
     """The configuration file (a sentinel gets one of its own: it rewrites it)."""
+    overlays: list[Path] = field(default_factory=list)
+    """Files appended to `config` (deploy/: what a Sentinel or Cluster node adds to it)."""
 
     @property
     def url(self) -> str:
@@ -230,7 +244,7 @@ class RedisServer:
         # REWRITE), which must never be the project's redis.conf
         config = self.directory / "redis.conf"
         if self.config.resolve() != config.resolve():
-            shutil.copyfile(self.config, config)
+            config.write_text("\n".join(p.read_text() for p in [self.config, *self.overlays]))
         args = [
             redis_binary(), str(config),
             "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),

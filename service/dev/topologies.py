@@ -3,28 +3,34 @@
 sentinel`, the tests and the benchmark.
 
 They are built with Redis's own commands (CLUSTER MEET / ADDSLOTS / REPLICATE, SENTINEL
-MONITOR in each sentinel's file), so only `redis-server` is needed, not `redis-cli`.
+MONITOR in each sentinel's file), so only `redis-server` is needed, not `redis-cli`. Every
+node runs redis.conf plus the guide of its topology (deploy/), with shorter timeouts.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from service.dev.servers import RedisServer, ServerError, free_port, wait_for
+from service.dev.servers import RedisServer, ServerError, free_port, redis_version, wait_for
 from service.keys import slot_range
+from service.shipped import DEPLOY_DIR
 
 MASTER_NAME = "score"
 """The name the sentinels monitor the primary by (the path of the Sentinel REDIS_URL)."""
 NODE_TIMEOUT_MS = 1000
 """Cluster node timeout and Sentinel's down-after: a dead primary is replaced within a few
 seconds (production values are larger; see the README's "Deploying")."""
+MAX_LAG_S = 2
+"""min-replicas-max-lag (deploy/redis-replicated.conf says 5 beside a 5 s down-after)."""
 
 
 def _command(client: redis.Redis, *args: str | int) -> Any:
@@ -56,12 +62,9 @@ class LocalCluster:
             node = RedisServer(
                 self.directory / f"node{i}",
                 port=_cluster_port(),
-                extra=[
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", "nodes.conf",
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                ],
-            )  # fmt: skip
+                overlays=[DEPLOY_DIR / "redis-cluster.conf"],
+                extra=["--cluster-node-timeout", str(self.node_timeout_ms)],
+            )
             self.nodes.append(node)
             node.start()
         clients = [_client(n.port) for n in self.nodes]
@@ -172,9 +175,18 @@ class LocalSentinel:
     replicas: int = 2
     sentinels: int = 3
     down_after_ms: int = NODE_TIMEOUT_MS
+    own_addresses: bool = False
+    """Each process on a loopback address of its own (127.0.0.10, .11, ...: all of 127/8 is
+    loopback), which it also connects from: a test's proxy can then tell them apart and cut
+    some off (tests/fault_proxy.py, isolate). Each listens on 127.0.0.1 too."""
+    front: Callable[[RedisServer], int] | None = None
+    """The port the replicas and sentinels reach the primary through (a test's proxy), given
+    the started primary; None: its own."""
     servers: list[RedisServer] = field(default_factory=list)
     """The primary first, then its replicas (as started: a failover changes who is which)."""
     watchers: list[RedisServer] = field(default_factory=list)
+    addresses: dict[int, str] = field(default_factory=dict)
+    """The address of each process by its port (with own_addresses)."""
 
     @property
     def url(self) -> str:
@@ -182,33 +194,61 @@ class LocalSentinel:
         return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
 
     def start(self) -> LocalSentinel:
-        primary = RedisServer(self.directory / "redis0").start()
-        self.servers.append(primary)
+        replicated = [DEPLOY_DIR / "redis-replicated.conf"]
+        lag = ["--min-replicas-max-lag", str(MAX_LAG_S)]
+        primary = self._server("redis0", overlays=replicated, extra=lag)
+        seen_at = primary.port if self.front is None else self.front(primary)
         for i in range(self.replicas):
-            replica = RedisServer(
-                self.directory / f"redis{i + 1}",
-                extra=["--replicaof", "127.0.0.1", str(primary.port)],
-            )
-            self.servers.append(replica.start())
-        quorum = self.sentinels // 2 + 1
+            follow = ["--replicaof", "127.0.0.1", str(seen_at)]
+            self._server(f"redis{i + 1}", overlays=replicated, extra=[*lag, *follow])
+        monitor = f"sentinel monitor {MASTER_NAME} 127.0.0.1 {seen_at} {self.sentinels // 2 + 1}"
+        guide = (DEPLOY_DIR / "sentinel.conf").read_text()
+        guide = re.sub(r"^sentinel monitor .*$", monitor, guide, flags=re.M)
         for i in range(self.sentinels):
             where = self.directory / f"sentinel{i}"
             where.mkdir(parents=True, exist_ok=True)
-            port = free_port()
-            conf = where / "sentinel.conf"
+            conf = where / "sentinel.conf"  # a copy of its own: a sentinel rewrites it
             conf.write_text(
-                f"port {port}\n"
-                f"sentinel monitor {MASTER_NAME} 127.0.0.1 {primary.port} {quorum}\n"
+                f"{guide}\n"
                 f"sentinel down-after-milliseconds {MASTER_NAME} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {MASTER_NAME} {self.down_after_ms * 5}\n"
-                f"sentinel parallel-syncs {MASTER_NAME} 1\n"
             )
-            watcher = RedisServer(where, port=port, extra=["--sentinel"], config=conf)
-            self.watchers.append(watcher.start())
+            watcher = self._server(where.name, config=conf, extra=["--sentinel"])
+            self.watchers.append(watcher)
+        self._wait_watching(primary)
+        return self
+
+    def _server(
+        self,
+        name: str,
+        *,
+        config: Path | None = None,
+        overlays: list[Path] | None = None,
+        extra: list[str],
+    ) -> RedisServer:
+        port = free_port()
+        if self.own_addresses:
+            address = f"127.0.0.{10 + len(self.addresses)}"
+            self.addresses[port] = address
+            # protected mode accepts 127.0.0.1 only: the others are loopback too. Redis 6.2
+            # connects from its first bind address; 7 from bind-source-addr.
+            extra = [*extra, "--bind", address, "127.0.0.1", "--protected-mode", "no"]
+            if redis_version() >= (7,):
+                extra += ["--bind-source-addr", address]
+        server = RedisServer(self.directory / name, port=port, extra=extra, overlays=overlays or [])
+        if config is not None:
+            server.config = config
+        server.start()
+        if config is None:
+            self.servers.append(server)
+        return server
+
+    def _wait_watching(self, primary: RedisServer) -> None:
         clients = [_client(w.port) for w in self.watchers]
+        clients.append(_client(primary.port))
 
         def watching() -> bool:
-            for c in clients:
+            for c in clients[:-1]:
                 state = _command(c, "SENTINEL", "MASTER", MASTER_NAME)
                 if isinstance(state, list):  # RESP2 without redis-py's parser: pairs
                     state = dict(zip(state[::2], state[1::2], strict=True))
@@ -216,14 +256,17 @@ class LocalSentinel:
                     return False
                 if int(state["num-other-sentinels"]) < self.sentinels - 1:
                     return False
-            return True
+            # min-replicas-to-write: writes are refused until a replica is in sync
+            info = clients[-1].info("replication")
+            online = [v for k, v in info.items() if k.startswith("slave") and k[5:].isdigit()]
+            in_sync: int = sum(r["state"] == "online" for r in online)
+            return in_sync >= self.replicas
 
         try:
             wait_for(watching, 60, "the sentinels to see every replica and each other")
         finally:
             for c in clients:
                 c.close()
-        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         for server in self.watchers + self.servers:
