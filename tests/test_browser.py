@@ -7,7 +7,6 @@ failure, not a skip."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ import httpx
 import pytest
 from live_support import running
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from support import cannot_run
 
 pytestmark = pytest.mark.browser
 
@@ -40,11 +40,7 @@ WAIT_MS = 15_000
 
 
 def no_browser(why: str) -> NoReturn:
-    """These tests cannot run here: say so in the summary; under CI=true that is a failure."""
-    message = f"the browser tests did not run: {why}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: a missing browser fails the run)", pytrace=False)
-    pytest.skip(message)
+    cannot_run("the browser tests", why)
 
 
 def chromium(playwright: Playwright) -> str:

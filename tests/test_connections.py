@@ -9,8 +9,6 @@ exactly once: one event and one increment for a submit, over TCP, TLS and a Unix
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import shutil
 import signal
 import ssl
@@ -25,10 +23,6 @@ import pytest
 import redis
 import redis.exceptions
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from fault_proxy import FaultProxy, Mode
 from support import Servers
 
@@ -37,6 +31,7 @@ from persister.stream import EventStream
 from service.batching import AutoPipeline
 from service.connections import async_redis, sync_redis
 from service.dev.servers import RedisServer
+from service.dev.tls import self_signed
 from service.dev.topologies import LocalSentinel
 from service.keys import KeySchema
 from service.scripts import Scripts, Status, prepare_submit
@@ -82,45 +77,15 @@ def tls_redis() -> Iterator[tuple[RedisServer, ssl.SSLContext, Path]]:
     """A throwaway Redis, and a TLS context with a self-signed certificate for 127.0.0.1 (the
     proxy in front of it terminates TLS: any redis-server will do, built with TLS or not)."""
     directory = Path(tempfile.mkdtemp(prefix="score-tls-"))
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    _self_signed(cert, key)
+    tls = self_signed(directory)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(tls.cert, tls.key)
     server = RedisServer(directory / "redis").start()
     try:
-        yield server, context, cert
+        yield server, context, tls.cert
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def _self_signed(cert_path: Path, key_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
 
 
 def _proxied(

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-import redis
 from live_support import connect, recv_frame
 from persist_support import cli
 from support import (
     Servers,
+    cannot_run,
     empty_postgres,
     make_env,
     start_service,
@@ -28,7 +28,8 @@ from support import (
 )
 
 from service.auth import mint
-from service.dev.servers import RedisServer, wait_for
+from service.dev.servers import RedisServer, ServerError, wait_for
+from service.dev.tls import self_signed
 from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 from service.settings import Settings
@@ -37,30 +38,65 @@ from service.streamids import order
 Deployment = LocalCluster | LocalSentinel
 
 
-@pytest.fixture(scope="module", params=["cluster", "sentinel"])
+CASES = [
+    ("cluster", 3),
+    ("cluster", 8),
+    ("sentinel", 3),
+    ("cluster over TLS", 3),
+    ("sentinel over TLS", 3),
+]
+
+
+@pytest.fixture(scope="module")
+def running() -> Iterator[dict[str, Deployment]]:
+    """The deployment the module's tests run on now, by kind: one at a time, kept from one
+    test to the next of the same kind (the cases come grouped by kind)."""
+    started: dict[str, Deployment] = {}
+    yield started
+    for deployment in started.values():
+        deployment.stop()
+
+
+@pytest.fixture
 def deployment(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Deployment]:
-    where = tmp_path_factory.mktemp(request.param)
-    kind = LocalCluster if request.param == "cluster" else LocalSentinel
-    started: Deployment = kind(where).start()
+    request: pytest.FixtureRequest,
+    running: dict[str, Deployment],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Deployment:
+    """A cluster or a Sentinel deployment (its kind: the test's parameter), over TLS when the
+    kind says so (the clients, the replicas, the sentinels, the cluster bus)."""
+    kind: str = request.param
+    if kind in running:
+        return running[kind]
+    while running:
+        running.popitem()[1].stop()
+    where = tmp_path_factory.mktemp(kind.split(maxsplit=1)[0])
+    tls = self_signed(where / "tls") if kind.endswith("TLS") else None
+    started: Deployment = (LocalCluster if kind.startswith("cluster") else LocalSentinel)(
+        where, tls=tls
+    )
     try:
-        yield started
-    finally:
+        started.start()
+    except ServerError as exc:
         started.stop()
+        if tls is not None and "tls" in str(exc).lower():
+            cannot_run("the TLS deployment", f"this redis-server has no TLS ({exc})"[:300])
+        raise
+    running[kind] = started
+    return started
 
 
-def primaries(deployment: Deployment) -> list[int]:
-    """The ports of the deployment's primaries, now."""
-    ports = []
+def primaries(deployment: Deployment) -> list[RedisServer]:
+    """The deployment's primaries, now."""
+    found = []
     for node in deployment.nodes if isinstance(deployment, LocalCluster) else deployment.servers:
-        with redis.Redis(port=node.port, decode_responses=True) as c:
+        with node.client(decode_responses=True) as c:
             if c.info("replication")["role"] == "master":
-                ports.append(node.port)
-    return ports
+                found.append(node)
+    return found
 
 
-@pytest.fixture(params=[3, 8], ids=lambda p: f"P={p}")
+@pytest.fixture
 def partitions(request: pytest.FixtureRequest) -> int:
     return int(request.param)
 
@@ -70,8 +106,8 @@ def topo_env(
     deployment: Deployment, partitions: int, queue_server: RedisServer, servers: Servers
 ) -> dict[str, str]:
     """Clean stores, and the environment of a process of this deployment."""
-    for port in primaries(deployment):
-        with redis.Redis(port=port) as c:
+    for server in primaries(deployment):
+        with server.client() as c:
             c.flushall()
     empty_postgres(servers)
     extra = {"SCORE_QUEUE_URL": queue_server.url} if isinstance(deployment, LocalCluster) else {}
@@ -84,6 +120,9 @@ def pg_scores(servers: Servers) -> dict[str, int]:
     return {str(user): int(str(score)) for user, score in rows}
 
 
+@pytest.mark.parametrize(
+    ("deployment", "partitions"), CASES, indirect=True, ids=[f"{k}, P={p}" for k, p in CASES]
+)
 def test_every_part_works_and_the_totals_add_up(
     deployment: Deployment,
     partitions: int,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from service.dev.tls import TlsFiles
 from service.shipped import REDIS_CONF
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (bench runs processes from it)
@@ -220,10 +221,22 @@ class RedisServer:
     """The configuration file (a sentinel gets one of its own: it rewrites it)."""
     overlays: list[Path] = field(default_factory=list)
     """Files appended to `config` (deploy/: what a Sentinel or Cluster node adds to it)."""
+    tls: TlsFiles | None = None
+    """TLS only, on `port` (needs a redis-server built with TLS, as Debian's is)."""
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?{self.tls.url_query}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **options: Any) -> Any:
+        """A blocking redis.Redis to this server alone (TLS when it speaks TLS)."""
+        import redis
+
+        if self.tls is not None:
+            options |= {"ssl": True, "ssl_ca_certs": str(self.tls.cert)}
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
     @property
     def pid_file(self) -> Path:
@@ -234,8 +247,6 @@ class RedisServer:
         _stop_leftover(self.pid_file, self.directory, signal.SIGTERM, "Redis")
 
     def start(self) -> RedisServer:
-        import redis
-
         if self.process is not None:  # started again after it died (a fault test's restart)
             self.stop()
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -245,9 +256,12 @@ class RedisServer:
         config = self.directory / "redis.conf"
         if self.config.resolve() != config.resolve():
             config.write_text("\n".join(p.read_text() for p in [self.config, *self.overlays]))
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), *self.tls.server_args()]
         args = [
-            redis_binary(), str(config),
-            "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            redis_binary(), str(config), *listen,
+            "--bind", "127.0.0.1", "--dir", str(self.directory),
             "--daemonize", "no", "--logfile", str(self.directory / "redis.log"),
             "--pidfile", str(self.pid_file), *self.extra,
         ]  # fmt: skip
@@ -257,7 +271,7 @@ class RedisServer:
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 - see die_with_parent
         )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        client = self.client(socket_timeout=1)
         try:
             wait_for(lambda: self._alive() and self._ours(client), 20, f"redis on {self.port}")
         finally:

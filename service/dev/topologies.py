@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from service.dev.servers import RedisServer, ServerError, free_port, redis_version, wait_for
+from service.dev.tls import TlsFiles
 from service.keys import slot_range
 from service.shipped import DEPLOY_DIR
 
@@ -37,8 +38,16 @@ def _command(client: redis.Redis, *args: str | int) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(port=port, socket_timeout=5, decode_responses=True)
+def _client(server: RedisServer) -> redis.Redis:
+    client: redis.Redis = server.client(socket_timeout=5, decode_responses=True)
+    return client
+
+
+def _url(scheme: str, servers: list[RedisServer], path: str, tls: TlsFiles | None) -> str:
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    if tls is None:
+        return f"redis+{scheme}://{hosts}{path}"
+    return f"rediss+{scheme}://{hosts}{path}?{tls.url_query}"
 
 
 @dataclass
@@ -50,11 +59,13 @@ class LocalCluster:
     primaries: int = 3
     replicas: int = 1
     node_timeout_ms: int = NODE_TIMEOUT_MS
+    tls: TlsFiles | None = None
+    """TLS only, between the nodes too (a redis-server built with TLS)."""
     nodes: list[RedisServer] = field(default_factory=list)
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return _url("cluster", self.nodes, "", self.tls)
 
     def start(self) -> LocalCluster:
         count = self.primaries * (1 + self.replicas)
@@ -63,11 +74,13 @@ class LocalCluster:
                 self.directory / f"node{i}",
                 port=_cluster_port(),
                 overlays=[DEPLOY_DIR / "redis-cluster.conf"],
-                extra=["--cluster-node-timeout", str(self.node_timeout_ms)],
+                extra=["--cluster-node-timeout", str(self.node_timeout_ms)]
+                + (["--tls-cluster", "yes"] if self.tls else []),
+                tls=self.tls,
             )
             self.nodes.append(node)
             node.start()
-        clients = [_client(n.port) for n in self.nodes]
+        clients = [_client(n) for n in self.nodes]
         try:
             self._form(clients)
         finally:
@@ -111,7 +124,7 @@ class LocalCluster:
         """The primary that serves `slot` now, as the first node that answers sees it."""
         for node in self.nodes:
             try:
-                with _client(node.port) as c:
+                with _client(node) as c:
                     slots = _command(c, "CLUSTER", "SLOTS")
             except redis.ConnectionError:  # a node that is down
                 continue
@@ -126,7 +139,7 @@ class LocalCluster:
         --cluster reshard` takes: IMPORTING, MIGRATING, MIGRATE in batches, then NODE on
         every primary); the number of keys moved."""
         source = self.owner(slot)
-        with _client(source.port) as src, _client(to.port) as dst:
+        with _client(source) as src, _client(to) as dst:
             src_id, dst_id = _command(src, "CLUSTER", "MYID"), _command(dst, "CLUSTER", "MYID")
             _command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
             _command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
@@ -135,7 +148,7 @@ class LocalCluster:
                 _command(src, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
                 moved += len(keys)
             for node in self.nodes:
-                with _client(node.port) as c:
+                with _client(node) as c:
                     if c.info("replication")["role"] == "master":
                         _command(c, "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         return moved
@@ -175,6 +188,8 @@ class LocalSentinel:
     replicas: int = 2
     sentinels: int = 3
     down_after_ms: int = NODE_TIMEOUT_MS
+    tls: TlsFiles | None = None
+    """TLS only: the clients, the replicas and the sentinels (a redis-server built with TLS)."""
     own_addresses: bool = False
     """Each process on a loopback address of its own (127.0.0.10, .11, ...: all of 127/8 is
     loopback), which it also connects from: a test's proxy can then tell them apart and cut
@@ -190,8 +205,7 @@ class LocalSentinel:
 
     @property
     def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.watchers)
-        return f"redis+sentinel://{hosts}/{MASTER_NAME}/0"
+        return _url("sentinel", self.watchers, f"/{MASTER_NAME}/0", self.tls)
 
     def start(self) -> LocalSentinel:
         replicated = [DEPLOY_DIR / "redis-replicated.conf"]
@@ -235,7 +249,9 @@ class LocalSentinel:
             extra = [*extra, "--bind", address, "127.0.0.1", "--protected-mode", "no"]
             if redis_version() >= (7,):
                 extra += ["--bind-source-addr", address]
-        server = RedisServer(self.directory / name, port=port, extra=extra, overlays=overlays or [])
+        server = RedisServer(
+            self.directory / name, port=port, extra=extra, overlays=overlays or [], tls=self.tls
+        )
         if config is not None:
             server.config = config
         server.start()
@@ -244,8 +260,8 @@ class LocalSentinel:
         return server
 
     def _wait_watching(self, primary: RedisServer) -> None:
-        clients = [_client(w.port) for w in self.watchers]
-        clients.append(_client(primary.port))
+        clients = [_client(w) for w in self.watchers]
+        clients.append(_client(primary))
 
         def watching() -> bool:
             for c in clients[:-1]:
