@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import fanout, persister_bench, redis_ceiling, report, scenarios
-from bench.ledger import Ledger, check_postgres, check_redis
+from bench.correctness import correctness
+from bench.ledger import Ledger
 from bench.naive_app import setup_database
 from bench.procs import Proc, http_server, uvicorn_args
+from bench.progress import log
 from bench.stack import Keys, Stack, build_stack, create_database, make_keys, user_id
 from bench.wrk import require_wrk
 from service.dev.servers import PostgresServer
@@ -87,10 +88,6 @@ def naive_server(
         yield proc
     finally:
         proc.stop()
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -239,29 +236,14 @@ def run(plan: Plan, root: Path) -> dict[str, Any]:
 
 def stack_trees(stack: Stack, pg: PostgresServer) -> dict[str, int]:
     """The processes a request of the stack costs CPU in."""
-    assert stack.serve is not None and stack.redis.process is not None
+    assert stack.serve is not None and stack.redis is not None
+    assert stack.redis.process is not None
     trees = {"service workers": stack.serve.pid, "redis": stack.redis.process.pid}
     if stack.worker is not None:
         trees["persister"] = stack.worker.pid
     if pg.process is not None:
         trees["postgres"] = pg.process.pid
     return trees
-
-
-def correctness(stack: Stack, ledger: Ledger) -> dict[str, Any]:
-    """Redis against the acknowledged increments; Postgres against Redis once drained."""
-    client = stack.client()
-    try:
-        out: dict[str, Any] = {"redis": check_redis(client, ledger)}
-        if stack.worker is None:
-            out["postgres"] = {"skipped": "no persister (issue 3) yet"}
-        elif not persister_bench.wait_drained(stack):
-            out["postgres"] = {"ok": False, "error": "the persister did not drain in time"}
-        else:
-            out["postgres"] = check_postgres(client, stack.database_url)
-        return out
-    finally:
-        client.close()
 
 
 def write(results: dict[str, Any], directory: Path) -> Path:
