@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, persister_bench, redis_ceiling, report, scenarios
+from bench import fanout, persister_bench, redis_ceiling, report, scenarios, topologies
 from bench.correctness import correctness
 from bench.ledger import Ledger
 from bench.naive_app import setup_database
@@ -27,7 +27,9 @@ from service.dev.servers import PostgresServer
 from service.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("write", "paced", "durability", "redis", "fanout", "persister", "scale")
+SCENARIOS = (
+    "write", "paced", "durability", "redis", "fanout", "persister", "scale", "topology"
+)  # fmt: skip
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Plan:
     fanout_levels: list[int] = field(default_factory=lambda: [1000, 5000])
     fanout_posts: int = 40
     backlog: int = 200_000
+    failovers: int = 3
+    """Primaries killed per deployment in the topology scenario."""
     only: tuple[str, ...] = SCENARIOS
     report: str | None = None
 
@@ -56,7 +60,8 @@ def parse(argv: list[str] | None) -> Plan:
     plan = Plan(report=a.report)
     if a.quick:
         plan = Plan(duration_s=2, rounds=1, big_users=100_000, token_users=1000,
-                    fanout_levels=[200, 1000], fanout_posts=10, backlog=20_000)  # fmt: skip
+                    fanout_levels=[200, 1000], fanout_posts=10, backlog=20_000,
+                    failovers=1)  # fmt: skip
     if a.duration:
         plan.duration_s = a.duration
     if a.rounds:
@@ -186,6 +191,11 @@ def scale(r: Run) -> dict[str, Any]:
         big.stop()
 
 
+def topology(r: Run) -> dict[str, Any]:
+    log("topology: one server, TLS, Sentinel (WAIT 0 and 1), Cluster; then failovers")
+    return topologies.run(r)
+
+
 STEPS = {
     "write": ("write_path", write_path),
     "paced": ("paced", paced),
@@ -194,6 +204,7 @@ STEPS = {
     "fanout": ("fanout", fan_out),
     "persister": ("persister", persister),
     "scale": ("scale", scale),
+    "topology": ("topology", topology),
 }
 
 
@@ -224,9 +235,9 @@ def run(plan: Plan, root: Path) -> dict[str, Any]:
                         results[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             log("correctness")
             results["correctness"] = correctness(main, r.ledger)
-            big = results.get("scale", {}).get("correctness")
-            if big:
-                results["correctness"] |= {f"big_{k}": v for k, v in big.items()}
+            for key, prefix in (("scale", "big_"), ("topology", "topology_")):
+                more = results.get(key, {}).get("correctness") or {}
+                results["correctness"] |= {f"{prefix}{k}": v for k, v in more.items()}
         finally:
             main.stop()
     finally:
