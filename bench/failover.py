@@ -1,7 +1,7 @@
 """Failover timing (issue 9): a primary SIGKILLed while keyed clients post, and the time from
 the kill to the first acknowledged write to a user of the partition it held, on Sentinel and
-on Cluster. The killed node is restarted between repetitions, as a supervisor would restart
-it, and rejoins as a replica; the next repetition starts once the deployment is whole again.
+on Cluster. The killed node is restarted after each kill, as a supervisor would restart it,
+and rejoins as a replica; the next kill waits until the deployment is whole again.
 
 The probes post increments of 1 with an Idempotency-Key each and send a 503 (or a request
 that got no answer) again with the same key, so their ledger is exact per user: they post for
@@ -181,7 +181,7 @@ def time_failovers(
 
 def _repetition(failover: Failover, probes: list[Probe]) -> dict[str, float | None]:
     """One kill: the seconds to each probe's first acknowledged write; then the killed node
-    restarted, and the deployment whole again."""
+    restarted (the next kill waits until it has rejoined)."""
     killed_at, victim = _kill_in_steady_state(failover, probes)
     with contextlib.suppress(ServerError):  # not recovered in time: None below
         wait_for(
@@ -194,13 +194,13 @@ def _repetition(failover: Failover, probes: list[Probe]) -> dict[str, float | No
         ok = p.first_ok_after(killed_at)
         out[p.label] = None if ok is None else round(ok - killed_at, 3)
     victim.start()  # as its supervisor would: it rejoins as a replica
-    wait_for(failover.whole, WHOLE_DEADLINE_S, "the deployment to be whole again")
     return out
 
 
 def _kill_in_steady_state(failover: Failover, probes: list[Probe]) -> tuple[float, RedisServer]:
-    """SIGKILL the primary once every probe is getting writes through and every persister
-    beats; when it was gone."""
+    """SIGKILL the primary once the deployment is whole, every probe is getting writes
+    through and every persister beats; when it was gone."""
+    wait_for(failover.whole, WHOLE_DEADLINE_S, "the deployment to be whole")
     before = {p.label: p.acknowledged() for p in probes}
     wait_for(
         lambda: all(p.acknowledged() > before[p.label] and _beating(p.stack) for p in probes),
