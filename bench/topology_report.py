@@ -84,7 +84,11 @@ def _per_primary(t: dict[str, Any]) -> list[str]:
         "",
         "Per primary: Redis runs commands on one thread, so a primary with a core of its own "
         "takes at most 1e6 / (its CPU per update) updates/s; a deployment saturates when its "
-        "first primary does, given each one's share of the updates:",
+        "first primary does, given each one's share of the updates. The cost is measured at the "
+        "rate each primary got here: a primary's costs per batch (a write and an fsync of its "
+        "AOF with `appendfsync always`, an event-loop wake-up) are shared by fewer updates at a "
+        "third of the rate, so a cluster primary's cost per update is probably overstated, and its "
+        "ceiling understated, against one server's:",
         "",
         "| deployment | primary | partitions | share of updates | CPU us per update on it | "
         "its ceiling, updates/s | deployment's ceiling, updates/s |",
