@@ -100,13 +100,13 @@ def _count(conn: psycopg.Connection[tuple[object, ...]]) -> int:
 
 
 def wait_drained(stack: Stack, timeout: float = DRAIN_TIMEOUT_S) -> bool:
-    """Poll until no event is left unpersisted; False on timeout."""
+    """Poll until no event is left unpersisted, in any partition; False on timeout."""
     client = stack.client()
-    stream = KeySchema(1).all()[0].events
+    streams = [p.events for p in stack.schema.all()]
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if oldest_unpersisted(client, stream) is None:
+            if all(oldest_unpersisted(client, s) is None for s in streams):
                 return True
             time.sleep(POLL_S)
         return False

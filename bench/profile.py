@@ -70,7 +70,7 @@ def main() -> None:
         stack = build_stack("main", root, pg, keys, users=10_000, token_users=2000, workers=2)
         assert stack.serve is not None
         if args.hold:
-            print(f"{stack.base}  tokens: {stack.tokens_file}  redis: {stack.redis.url}")
+            print(f"{stack.base}  tokens: {stack.tokens_file}  redis: {stack.redis_url}")
             print(f"workers: {stack.serve.worker_pids()}  persister: {stack.worker is not None}")
             while True:
                 time.sleep(3600)

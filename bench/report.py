@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
+from bench import topology_report
+
 
 @dataclass(frozen=True)
 class Check:
@@ -82,9 +84,25 @@ def checks(r: dict[str, Any]) -> list[Check]:
         _check("p50 with 1M users / with 10k users",
                s1m["best_p50_ms"] / s10k["best_p50_ms"] if s1m and s10k else None, "<= 1.2x",
                lambda v: v <= 1.2, "x"),
+        *_failover_checks(r),
         Check("correctness (Redis = acknowledged; Postgres = Redis)", None, "exact",
               all(checks_ok) if checks_ok else None),
     ]  # fmt: skip
+
+
+FAILOVER_TARGET_S = 15.0
+
+
+def _failover_checks(r: dict[str, Any]) -> list[Check]:
+    """Writes come back by themselves after a primary's death: the slowest repetition."""
+    out = []
+    for label, f in (_get(r, "topology", "failover") or {}).items():
+        if "recovery_s" not in f:
+            continue
+        ok = not f["unrecovered"] and f["max_s"] is not None and f["max_s"] < FAILOVER_TARGET_S
+        out.append(Check(f"failover, {topology_report.name(label)}: kill to first write (max)",
+                         f["max_s"], "< 15 s (aim < 5 s)", ok, " s"))  # fmt: skip
+    return out
 
 
 def machine() -> dict[str, object]:
@@ -190,7 +208,10 @@ def markdown(r: dict[str, Any]) -> str:
             f"\nScale, {label}: {s['rps']:,.0f} req/s, p50 {_ms(s['p50_ms'])} ms "
             f"(best run {_ms(s['best_p50_ms'])} ms)."
         )
-    lines += _cpu_lines(r) + _correctness_lines(r)
+    lines += _cpu_lines(r)
+    if _get(r, "topology"):
+        lines += topology_report.lines(r["topology"], _get(r, "correctness") or {})
+    lines += _correctness_lines(r)
     for key in ("write_path", "paced", "durability", "redis_ceiling", "fanout", "persister",
                 "scale"):  # fmt: skip
         note = _get(r, key, "error") or _get(r, key, "skipped")
@@ -232,10 +253,18 @@ def _cpu_lines(r: dict[str, Any]) -> list[str]:
 def _correctness_lines(r: dict[str, Any]) -> list[str]:
     lines = []
     for name, c in (_get(r, "correctness") or {}).items():
-        if "redis_total" in c and "acknowledged" in c:
+        lost = f", {c['lost']:,} lost by a failover without WAIT" if "lost" in c else ""
+        if "users" in c:
+            lines.append(
+                f"\nCorrectness ({name}): {c['users']} keyed users, acknowledged "
+                f"{c['acknowledged']:,} (+ at most {c['in_doubt']:,} in doubt), Redis "
+                f"{c['redis_total']:,}, Postgres {c['postgres_total']:,}{lost}, "
+                f"{c['users_wrong']} users wrong: {'ok' if c['ok'] else 'WRONG'}."
+            )
+        elif "redis_total" in c and "acknowledged" in c:
             lines.append(
                 f"\nCorrectness ({name}): Redis total {c['redis_total']:,}, acknowledged "
-                f"{c['acknowledged']:,} (+ at most {c['in_doubt']:,} in doubt): "
+                f"{c['acknowledged']:,} (+ at most {c['in_doubt']:,} in doubt){lost}: "
                 f"{'ok' if c['ok'] else 'WRONG'}."
             )
         elif "postgres_total" in c:

@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,17 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import fanout, persister_bench, redis_ceiling, report, scenarios
-from bench.ledger import Ledger, check_postgres, check_redis
+from bench import fanout, persister_bench, redis_ceiling, report, scenarios, topologies
+from bench.correctness import correctness
+from bench.ledger import Ledger
 from bench.naive_app import setup_database
 from bench.procs import Proc, http_server, uvicorn_args
+from bench.progress import log
 from bench.stack import Keys, Stack, build_stack, create_database, make_keys, user_id
 from bench.wrk import require_wrk
 from service.dev.servers import PostgresServer
 from service.settings import Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("write", "paced", "durability", "redis", "fanout", "persister", "scale")
+SCENARIOS = (
+    "write", "paced", "durability", "redis", "fanout", "persister", "scale", "topology"
+)  # fmt: skip
 
 
 @dataclass
@@ -40,6 +43,8 @@ class Plan:
     fanout_levels: list[int] = field(default_factory=lambda: [1000, 5000])
     fanout_posts: int = 40
     backlog: int = 200_000
+    failovers: int = 3
+    """Primaries killed per deployment in the topology scenario."""
     only: tuple[str, ...] = SCENARIOS
     report: str | None = None
 
@@ -55,7 +60,8 @@ def parse(argv: list[str] | None) -> Plan:
     plan = Plan(report=a.report)
     if a.quick:
         plan = Plan(duration_s=2, rounds=1, big_users=100_000, token_users=1000,
-                    fanout_levels=[200, 1000], fanout_posts=10, backlog=20_000)  # fmt: skip
+                    fanout_levels=[200, 1000], fanout_posts=10, backlog=20_000,
+                    failovers=1)  # fmt: skip
     if a.duration:
         plan.duration_s = a.duration
     if a.rounds:
@@ -87,10 +93,6 @@ def naive_server(
         yield proc
     finally:
         proc.stop()
-
-
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -189,6 +191,11 @@ def scale(r: Run) -> dict[str, Any]:
         big.stop()
 
 
+def topology(r: Run) -> dict[str, Any]:
+    log("topology: one server, TLS, Sentinel (WAIT 0 and 1), Cluster; then failovers")
+    return topologies.run(r)
+
+
 STEPS = {
     "write": ("write_path", write_path),
     "paced": ("paced", paced),
@@ -197,6 +204,7 @@ STEPS = {
     "fanout": ("fanout", fan_out),
     "persister": ("persister", persister),
     "scale": ("scale", scale),
+    "topology": ("topology", topology),
 }
 
 
@@ -227,9 +235,9 @@ def run(plan: Plan, root: Path) -> dict[str, Any]:
                         results[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             log("correctness")
             results["correctness"] = correctness(main, r.ledger)
-            big = results.get("scale", {}).get("correctness")
-            if big:
-                results["correctness"] |= {f"big_{k}": v for k, v in big.items()}
+            for key, prefix in (("scale", "big_"), ("topology", "topology_")):
+                more = results.get(key, {}).get("correctness") or {}
+                results["correctness"] |= {f"{prefix}{k}": v for k, v in more.items()}
         finally:
             main.stop()
     finally:
@@ -239,29 +247,14 @@ def run(plan: Plan, root: Path) -> dict[str, Any]:
 
 def stack_trees(stack: Stack, pg: PostgresServer) -> dict[str, int]:
     """The processes a request of the stack costs CPU in."""
-    assert stack.serve is not None and stack.redis.process is not None
+    assert stack.serve is not None and stack.redis is not None
+    assert stack.redis.process is not None
     trees = {"service workers": stack.serve.pid, "redis": stack.redis.process.pid}
     if stack.worker is not None:
         trees["persister"] = stack.worker.pid
     if pg.process is not None:
         trees["postgres"] = pg.process.pid
     return trees
-
-
-def correctness(stack: Stack, ledger: Ledger) -> dict[str, Any]:
-    """Redis against the acknowledged increments; Postgres against Redis once drained."""
-    client = stack.client()
-    try:
-        out: dict[str, Any] = {"redis": check_redis(client, ledger)}
-        if stack.worker is None:
-            out["postgres"] = {"skipped": "no persister (issue 3) yet"}
-        elif not persister_bench.wait_drained(stack):
-            out["postgres"] = {"ok": False, "error": "the persister did not drain in time"}
-        else:
-            out["postgres"] = check_postgres(client, stack.database_url)
-        return out
-    finally:
-        client.close()
 
 
 def write(results: dict[str, Any], directory: Path) -> Path:

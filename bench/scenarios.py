@@ -32,6 +32,8 @@ class Target:
     base: str
     tokens: Path
     ledger: Ledger | None  # the service's increments are counted; the baselines' are not
+    errors_in_doubt: bool = False
+    """A non-2xx answer may have been applied: a 503 after WAIT found too few replicas."""
 
 
 def load(
@@ -43,6 +45,8 @@ def load(
     )
     if target.ledger is not None:
         in_doubt = connections + result.timeouts + result.socket_errors
+        if target.errors_in_doubt:
+            in_doubt += result.non_2xx
         target.ledger.add(result.ok, in_doubt)
     return result
 

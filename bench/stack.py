@@ -1,6 +1,6 @@
-"""A production-like stack for one benchmark: Redis (the project's redis.conf), a Postgres
-database, provisioned users with RS256 tokens, `score-service serve --workers N` and the
-persister (`score-service worker`)."""
+"""A production-like stack for one benchmark: Redis (the project's redis.conf, or a deployment
+the caller started: TLS, Sentinel, Cluster), a Postgres database, provisioned users with RS256
+tokens, `score-service serve --workers N` and the persister (`score-service worker`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench.procs import Proc, http_server, spawn
 from persister.schema import migrate
+from service.connections import sync_redis
 from service.dev.servers import PostgresServer, RedisServer
 from service.keys import KeySchema
+from service.settings import Settings
 from service.users import provision_sync
 
 TOKEN_TTL_S = 3 * 3600
@@ -81,12 +83,15 @@ def create_database(pg: PostgresServer, name: str) -> str:
 class Stack:
     name: str
     directory: Path
-    redis: RedisServer
+    redis_url: str
+    """REDIS_URL: the stack's own Redis, or a deployment its caller started (and stops)."""
     database_url: str
     env: dict[str, str]
     users: int
     tokens_file: Path
     token_users: list[str]
+    redis: RedisServer | None = None
+    """The Redis the stack started itself, stopped with it."""
     serve: Proc | None = None
     worker: Proc | None = None
     extra: list[Proc] = field(default_factory=list)
@@ -96,8 +101,17 @@ class Stack:
         assert self.serve is not None
         return self.serve.base
 
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    @property
+    def schema(self) -> KeySchema:
+        return KeySchema(self.settings.partitions)
+
     def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=30)
+        """A client of the stack's deployment, whatever its topology."""
+        return sync_redis(self.settings, socket_timeout=30)
 
     def start_worker(self) -> None:
         """Start the persister (unless it runs)."""
@@ -118,7 +132,8 @@ class Stack:
         for proc in [*self.extra, self.worker, self.serve]:
             if proc is not None:
                 proc.stop()
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def service_env(redis_url: str, database_url: str, keys: Keys) -> dict[str, str]:
@@ -134,19 +149,24 @@ def service_env(redis_url: str, database_url: str, keys: Keys) -> dict[str, str]
         SCORE_LIVE_MAX_CONNECTIONS="100000",
         SCORE_LIVE_MAX_PER_CLIENT="100000",
         SCORE_LOG_LEVEL="warning",
+        SCORE_SHUTDOWN_GRACE_S="0",  # no load balancer to drain: a stack stops at once
     )
     return env
 
 
-def provision(stack_env: dict[str, str], redis_url: str, database_url: str, ids: list[str]) -> None:
-    client = redis.Redis.from_url(redis_url, socket_timeout=60)
+def provision(settings: Settings, ids: list[str]) -> None:
+    """`ids` in Postgres and in every partition of the deployment."""
+    client = sync_redis(settings, socket_timeout=60)
+    schema = KeySchema(settings.partitions)
     try:
-        with psycopg.connect(database_url) as conn:
+        with psycopg.connect(settings.database_url) as conn:
             for start in range(0, len(ids), PROVISION_CHUNK):
                 chunk = ids[start : start + PROVISION_CHUNK]
-                provision_sync(conn, client, KeySchema(1), 10, chunk)
-        # Redis now holds what Postgres holds: no rebuild needed when the service starts
-        client.mset(dict.fromkeys(KeySchema(1).ready_markers, "1"))
+                provision_sync(conn, client, schema, 10, chunk)
+        # Redis now holds what Postgres holds: no rebuild needed when the service starts. One
+        # SET each: on a cluster the markers are in different slots.
+        for marker in schema.ready_markers:
+            client.set(marker, "1")
     finally:
         client.close()
 
@@ -162,25 +182,43 @@ def build_stack(
     workers: int,
     redis_extra: list[str] | None = None,
     persister: bool = True,
+    redis_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    tokens_of: Stack | None = None,
 ) -> Stack:
-    """Start Redis, create the database, provision `users`, mint tokens for a random
-    `token_users` of them, start the service (and the persister)."""
+    """Start Redis (unless `redis_url` names a deployment the caller runs), create the
+    database, provision `users`, mint tokens for a random `token_users` of them (or reuse
+    those of `tokens_of`, a stack with the same users and keys), start the service (and the
+    persister). `extra_env`: settings added to the service's (SCORE_PARTITIONS...)."""
     directory = root / name
     directory.mkdir(parents=True, exist_ok=True)
-    redis_server = RedisServer(directory / "redis", extra=redis_extra or []).start()
-    database_url = create_database(pg, f"bench_{name}")
-    env = service_env(redis_server.url, database_url, keys)
-    ids = [user_id(i) for i in range(users)]
-    provision(env, redis_server.url, database_url, ids)
-    chosen = random.Random(name).sample(ids, min(token_users, users))
-    tokens_file = directory / "tokens.txt"
-    tokens_file.write_text("".join(f"{u} {mint(keys, u)}\n" for u in chosen))
-    stack = Stack(name, directory, redis_server, database_url, env, users, tokens_file, chosen)
+    own = None
+    if redis_url is None:
+        own = RedisServer(directory / "redis", extra=redis_extra or []).start()
+        redis_url = own.url
+    try:
+        database_url = create_database(pg, f"bench_{name}")
+        stack_env = service_env(redis_url, database_url, keys) | (extra_env or {})
+        ids = [user_id(i) for i in range(users)]
+        provision(Settings.from_env(stack_env), ids)
+        if tokens_of is None:
+            chosen = random.Random(name).sample(ids, min(token_users, users))
+            tokens_file = directory / "tokens.txt"
+            tokens_file.write_text("".join(f"{u} {mint(keys, u)}\n" for u in chosen))
+        else:
+            chosen, tokens_file = tokens_of.token_users, tokens_of.tokens_file
+    except BaseException:
+        if own is not None:
+            own.stop()
+        raise
+    stack = Stack(
+        name, directory, redis_url, database_url, stack_env, users, tokens_file, chosen, own
+    )
     try:
         stack.serve = http_server(
             f"{name}-serve",
             [sys.executable, "-m", "service.cli", "serve", "--workers", str(workers)],
-            env,
+            stack_env,
             directory / "serve.log",
             "/readyz",
         )
