@@ -139,7 +139,8 @@ class FaultProxy:
         if self.mode is Mode.REFUSE:
             _reset(writer)
             return
-        peer = str(writer.get_extra_info("peername")[0])
+        peername = writer.get_extra_info("peername")  # "" on a Unix socket
+        peer = str(peername[0]) if isinstance(peername, tuple) else ""
         while peer in self._isolated:  # a connect across a partition hangs
             await self._healed.wait()
         try:
