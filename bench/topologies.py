@@ -28,8 +28,8 @@ from bench.cpu import tree_seconds
 from bench.ledger import Ledger, UserLedger, leaderboard_totals
 from bench.progress import log
 from bench.stack import Stack, build_stack
-from bench.tls import make_tls
-from service.dev.servers import RedisServer, free_port
+from service.dev.servers import RedisServer
+from service.dev.tls import self_signed
 from service.dev.topologies import LocalCluster, LocalSentinel
 from service.keys import KeySchema
 
@@ -122,11 +122,10 @@ def _server(r: Run, running: contextlib.ExitStack) -> list[Deployed]:
 
 def _tls(r: Run, running: contextlib.ExitStack) -> list[Deployed]:
     """One server over TLS (`rediss://`, a throwaway CA)."""
-    files, port = make_tls(r.root / "tls"), free_port()
-    server = RedisServer(r.root / "tls" / "redis", extra=files.redis_args(port))
+    server = RedisServer(r.root / "tls" / "redis", tls=self_signed(r.root / "tls"))
     running.callback(server.stop)
     server.start()
-    return [Deployed("tls", _stack(r, running, "tls", files.url(port)), Ledger(), [server])]
+    return [Deployed("tls", _stack(r, running, "tls", server.url), Ledger(), [server])]
 
 
 def _sentinel(r: Run, running: contextlib.ExitStack) -> list[Deployed]:
@@ -217,7 +216,7 @@ def measure(d: Deployed, duration_s: float) -> Measured:
 def _roles(nodes: list[RedisServer]) -> dict[int, str]:
     out = {}
     for node in nodes:
-        with redis.Redis(port=node.port, socket_timeout=5) as c:
+        with node.client(socket_timeout=5) as c:
             master = c.info("replication")["role"] == "master"
         out[node.port] = "primary" if master else "replica"
     return out

@@ -12,6 +12,7 @@ and the check every partition-aware command makes before it touches a partition.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from service.layout import (
     normalized,
 )
 from service.layout import problem as layout_problem
+from service.redis_errors import is_outage
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -136,9 +138,6 @@ def ensure(settings: Settings, *, changing_to_mine: bool = False) -> Layout:
     return recorded
 
 
-TRANSIENT = (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError)
-
-
 def ensure_waiting(settings: Settings) -> Layout:
     """`ensure`, waiting out an outage of either store and a layout change in progress (a
     worker started meanwhile); LayoutMismatch for another count. With Postgres down, Redis's
@@ -153,7 +152,9 @@ def ensure_waiting(settings: Settings) -> Layout:
                 log.warning("Postgres is unavailable: the partition layout checked in Redis only")
                 return recorded
             why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
-        except TRANSIENT as exc:
+        except redis.RedisError as exc:  # down, a cluster being formed, a failover...
+            if not is_outage(exc):
+                raise
             why = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
         except LayoutMismatch as exc:
             recorded = _recorded_quietly(settings)
@@ -167,13 +168,12 @@ def ensure_waiting(settings: Settings) -> Layout:
 
 
 def _recorded_quietly(settings: Settings) -> Layout | None:
-    client = sync_redis(settings)
+    """Redis's record, or None if Redis cannot give it now."""
     try:
-        return read_redis(client)
-    except (*TRANSIENT, LayoutMismatch):
+        with contextlib.closing(sync_redis(settings)) as client:
+            return read_redis(client)
+    except (redis.RedisError, LayoutMismatch):
         return None
-    finally:
-        client.close()
 
 
 def changed(client: redis.Redis, settings: Settings) -> str | None:

@@ -29,9 +29,10 @@ from rq import SimpleWorker
 from rq.cron import CronScheduler
 
 from persister import heartbeat, jobs, layout
-from persister.flush import BACKOFF
+from persister.flush import BACKOFF, Persister
 from service.connections import check_redis, failed_again, queue_redis, sync_redis
 from service.persister_lag import HEARTBEAT_S
+from service.redis_errors import is_outage
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,9 @@ def run(settings: Settings) -> int:
     not run with)."""
     stop = threading.Event()
     _stop_on_signals(stop)
-    _wait_for_redis(settings, stop)
-    if stop.is_set():
+    persister = _start(settings, stop)
+    if persister is None:
         return 0
-    layout.ensure_waiting(settings)
-    persister = jobs.persister()
     persister.stopping = stop  # a flush running at SIGTERM ends after the batches it has read
     quiet = "DEBUG" if os.environ.get("SCORE_LOG_LEVEL", "").upper() == "DEBUG" else "WARNING"
     logging.getLogger("rq").setLevel(quiet)  # RQ logs every job at INFO: one every 2s
@@ -132,28 +131,32 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handle)
 
 
-def _wait_for_redis(settings: Settings, stop: threading.Event) -> None:
-    """Return once Redis answers (or `stop` is set); ConfigError if it could evict our keys."""
-    client = sync_redis(settings)
+def _start(settings: Settings, stop: threading.Event) -> Persister | None:
+    """Wait until Redis answers, check the partition layout, build the persister: retried
+    until all three succeed, whatever Redis does meanwhile (a cluster node that dies while we
+    start fails the persister's client, which reads the slot map as it is made). None if
+    `stop` comes first; ConfigError for a Redis that could evict our keys."""
     failures = 0
-    try:
-        while not stop.is_set():
-            try:
+    while not stop.is_set():
+        try:
+            with contextlib.closing(sync_redis(settings)) as client:
                 check_redis(client)
-                return
-            except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError) as exc:
-                failures = failed_again(failures)
-                log.warning("waiting for Redis: %s", exc)
-                stop.wait(BACKOFF.compute(failures))
-    finally:
-        client.close()
+            layout.ensure_waiting(settings)
+            return jobs.persister()
+        except redis.RedisError as exc:
+            if not is_outage(exc):
+                raise
+            failures = failed_again(failures)
+            log.warning("waiting for Redis: %s", exc)
+            stop.wait(BACKOFF.compute(failures))
+    return None
 
 
 def _enqueue_sweeps(settings: Settings, stop: threading.Event, worker: str) -> None:
     """The cron thread: enqueue the sweep every SWEEP_INTERVAL_S, and beat the worker's
     heartbeat, until `stop`, whatever fails (a thread that died here would leave events
     waiting until a request asks for a flush)."""
-    client = sync_redis(settings)
+    client: redis.Redis | None = None
     cron = CronScheduler(connection=queue_redis(settings), logging_level="WARNING")
     cron.register(
         jobs.sweep,
@@ -167,6 +170,7 @@ def _enqueue_sweeps(settings: Settings, stop: threading.Event, worker: str) -> N
     while not stop.is_set():
         try:
             cron.enqueue_jobs()
+            client = client or sync_redis(settings)  # a cluster's reads the slot map when made
             heartbeat.beat(client, worker)
             delay = min(cron.calculate_sleep_interval(), HEARTBEAT_S)
         except redis.RedisError as exc:

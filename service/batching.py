@@ -33,6 +33,9 @@ from prometheus_client import Counter
 from redis._parsers.base import BaseParser
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+
+from service.topology import ClusterUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +377,11 @@ class ClusterAutoPipeline:
                 try:
                     await self._client.nodes_manager.initialize()
                 except redis.exceptions.RedisError:
-                    self._stale = True  # no node answered: the next call tries again
+                    self._stale = True
                     raise
+                except RedisClusterException as exc:  # no node answered: the next call tries
+                    self._stale = True
+                    raise ClusterUnreachable(str(exc)) from exc
 
     def _for(self, node: Any) -> AutoPipeline:
         pipeline = self._pipelines.get(node.name)

@@ -6,6 +6,7 @@ about a second (then 503 with Retry-After), never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -230,10 +231,11 @@ def refuse_evicting_redis(settings: Settings) -> None:
     A Redis that is not reachable yet is not refused: the service starts, reports
     "unavailable" on /readyz and answers 503 until Redis is up.
     """
-    client = sync_redis(settings, socket_timeout=2.0, socket_connect_timeout=1.0)
     try:
-        check_redis(client)
+        # inside: a cluster's client reads the slot map as it is made
+        with contextlib.closing(
+            sync_redis(settings, socket_timeout=2.0, socket_connect_timeout=1.0)
+        ) as client:
+            check_redis(client)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
         log.warning("Redis is not reachable yet (%s); /readyz will say so until it is", exc)
-    finally:
-        client.close()

@@ -46,6 +46,14 @@ def _code(exc: redis.exceptions.RedisError) -> str:
     return found.group(1) if found else exc.status_code or ""
 
 
+def is_outage(exc: redis.exceptions.RedisError) -> bool:
+    """Unreachable, hung, or one of the states in `_WHY`: an outage that passes by itself
+    (or with a failover), which a process waits out rather than exit on."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    return _code(exc) in _WHY
+
+
 def _unavailable(detail: str) -> ApiError:
     return ApiError(503, detail, {"Retry-After": str(RETRY_AFTER_S)})
 

@@ -16,9 +16,11 @@ them, it only builds them the same way for every process.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode
 
 import redis
@@ -28,8 +30,11 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 from redis.connection import parse_url
+from redis.exceptions import RedisClusterException
 
 Kind = Literal["server", "sentinel", "cluster"]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SCHEMES: dict[str, tuple[Kind, bool]] = {
     "redis": ("server", False),
@@ -146,7 +151,7 @@ def async_client(target: RedisTarget, **options: Any) -> Any:
         )
         return asyncio_sentinel.master_for(target.master, **merged)
     nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in target.hosts]
-    return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **merged)
+    return _AsyncCluster(startup_nodes=nodes, **merged)
 
 
 def sync_client(target: RedisTarget, **options: Any) -> Any:
@@ -163,7 +168,43 @@ def sync_client(target: RedisTarget, **options: Any) -> Any:
         redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
         for h, p in target.hosts
     ]
-    return redis.cluster.RedisCluster(startup_nodes=nodes, **merged)
+    # the blocking client reads the slot map in its constructor
+    client = _unreachable(redis.cluster.RedisCluster)(startup_nodes=nodes, **merged)
+    manager = client.nodes_manager
+    manager.initialize = _unreachable(manager.initialize)  # type: ignore[method-assign]
+    return client
+
+
+class ClusterUnreachable(redis.ConnectionError):
+    """No node of the cluster gave a slot map that covers every slot. redis-py raises
+    RedisClusterException then, which is no RedisError: every caller here treats an
+    unreachable Redis as a ConnectionError (503, wait and try again), so the cluster's
+    clients say it that way too. (The blocking client's NodesManager is wrapped, as the
+    client calls it from many places; the asyncio one has __slots__, and its client
+    reaches it through `initialize`.)"""
+
+
+def _unreachable(read_slot_map: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(read_slot_map)
+    def reading(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return read_slot_map(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnreachable(str(exc)) from exc
+
+    return reading
+
+
+class _AsyncCluster(redis.asyncio.cluster.RedisCluster):
+    """The asyncio RedisCluster, saying ClusterUnreachable when no node gives a slot map (it
+    reads one before its first command, and again after a failed node)."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> _AsyncCluster:
+        try:
+            await super().initialize(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise ClusterUnreachable(str(exc)) from exc
+        return self
 
 
 def _tls(target: RedisTarget) -> dict[str, Any]:

@@ -74,8 +74,9 @@ class Service:
     log: Path
 
 
-def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
-    """`score-service serve` as a real process (uvicorn, uvloop, httptools)."""
+def start_service(env: dict[str, str], log: Path, *args: str, until: str = "/readyz") -> Service:
+    """`score-service serve` as a real process (uvicorn, uvloop, httptools), once `until`
+    answers 200 (/healthz: once it serves, whether or not Redis is up)."""
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
@@ -87,9 +88,13 @@ def start_service(env: dict[str, str], log: Path, *args: str) -> Service:
     def ready() -> bool:
         if process.poll() is not None:
             raise RuntimeError("serve exited: " + log.read_text()[-2000:])
-        return httpx.get(base + "/readyz", timeout=1).status_code == 200
+        return httpx.get(base + until, timeout=1).status_code == 200
 
-    wait_for(ready, 30, "score-service serve")
+    try:
+        wait_for(ready, 30, "score-service serve")
+    except BaseException:
+        stop_process(process)
+        raise
     return Service(base, process, log)
 
 
