@@ -192,10 +192,15 @@ end
 
 -- Every check has passed: from here on, only writes.
 spend_rate()
-local rank_before = rcall("ZRANK", leaderboard_key, user_id)
+-- The top N changed if the user is in it after this call, or was before. An increase only
+-- moves a user up, so one not in it after was not in it before: the position before is
+-- read only for a decrease (an operator's adjustment).
+local was_in_top = delta < 0 and rcall("ZRANK", leaderboard_key, user_id) < top_n
 rcall("ZADD", leaderboard_key, "XX", int(-total), user_id)
-local position = rcall("ZRANK", leaderboard_key, user_id)
 local rank = rcall("ZCOUNT", leaderboard_key, "-inf", "(" .. int(-total)) + 1
+-- rank - 1 users are strictly ahead: the position is at least that, so only a user ranked
+-- within the top N needs it read
+local in_top = rank <= top_n and rcall("ZRANK", leaderboard_key, user_id) < top_n
 if use_idempotency then
   -- the rank too: a replay answers what the first response said
   rcall("SET", idempotency_key, int(delta) .. ":" .. int(total) .. ":" .. int(rank),
@@ -211,7 +216,7 @@ if rcall("SET", flush_key, "1", "NX", "EX", int(flush_ttl)) then flush = 1 end
 
 -- A member of the top N changed score, or someone entered it: publish the new top N.
 local top_version = ""
-if rank_before < top_n or position < top_n then
+if was_in_top or in_top then
   local top = rcall("ZRANGE", leaderboard_key, 0, top_n - 1, "WITHSCORES")
   top_version = rcall("XADD", top_key, "MAXLEN", "~", int(top_maxlen), "*", unpack(top))
 end

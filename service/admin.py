@@ -34,6 +34,7 @@ from service.models import (
 from service.redis_errors import RETRY_AFTER_S, not_ready, redis_unavailable, refuse_until_ready
 from service.requests import (
     IDEMPOTENCY_KEY,
+    Head,
     authenticate,
     decode_json,
     read_body,
@@ -54,20 +55,22 @@ _RESULTS = {
 }
 
 
-async def _admin_body(request: Request) -> tuple[Context, bytes]:
-    """The context and the body of a request made with an admin token; 401/403 otherwise."""
+async def _admin_body(request: Request) -> tuple[Context, Head, bytes]:
+    """The context, headers and body of a request made with an admin token; 401/403
+    otherwise."""
     ctx: Context = request.app.state.ctx
-    refuse_declared_oversize(request, MAX_BODY_BYTES)
-    principal = await authenticate(ctx, request)
+    head = Head.of(request.scope)
+    refuse_declared_oversize(head, MAX_BODY_BYTES)
+    principal = await authenticate(ctx, head)
     if not principal.admin:
         raise ApiError(403, f"the admin API needs a token with the scope {ADMIN_SCOPE!r}")
-    return ctx, await read_body(request, MAX_BODY_BYTES)
+    return ctx, head, await read_body(ctx, head, request.receive, MAX_BODY_BYTES)
 
 
 async def post_users(request: Request) -> Response:
     """Provision users (idempotent: an existing user keeps its score)."""
-    ctx, body = await _admin_body(request)
-    wanted: UsersRequest = decode_json(request, body, users_request_decoder)
+    ctx, head, body = await _admin_body(request)
+    wanted: UsersRequest = decode_json(head, body, users_request_decoder)
     user_ids = list(dict.fromkeys(wanted.user_ids))
     refuse_until_ready(ctx)  # e.g. while the partition layout changes: Redis's half would go astray
     try:
@@ -96,8 +99,8 @@ def _check(batch: AdjustmentsRequest) -> None:
 
 async def post_scores(request: Request) -> Response:
     """Apply a batch of score adjustments (negative deltas allowed), one result per item."""
-    ctx, body = await _admin_body(request)
-    batch: AdjustmentsRequest = decode_json(request, body, adjustments_decoder)
+    ctx, head, body = await _admin_body(request)
+    batch: AdjustmentsRequest = decode_json(head, body, adjustments_decoder)
     _check(batch)
     results: list[AdjustmentResult] = []
     flush: set[int] = set()

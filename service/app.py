@@ -34,7 +34,7 @@ from service.openapi import OPENAPI_PATH, openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.request_id import RequestId
-from service.scores import post_score
+from service.scores import ScoreEndpoint
 from service.scripts import Scripts
 from service.settings import Settings
 from service.tasks import cancel_and_wait
@@ -105,7 +105,7 @@ def create_app(
             process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
     routes = [
-        Route("/api/v1/score", post_score, methods=["POST"]),
+        Route("/api/v1/score", ScoreEndpoint(), methods=["POST"]),
         Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
         Route("/api/v1/users/{user_id:path}", get_user, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

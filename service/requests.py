@@ -1,15 +1,17 @@
 """What the routes that take a body share: the token check, the body read within its size and
-time limits, JSON decoding, and the Idempotency-Key header. (POST /api/v1/score and the admin
-API use them; each has its own size limit.)"""
+time limits, JSON decoding, and the Idempotency-Key header, on the ASGI scope and `receive`
+(POST /api/v1/score is a raw ASGI app: no Starlette Request on the hot path). The admin API
+uses them too; each route has its own size limit."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import dataclass
 from typing import TypeVar
 
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive, Scope
 
 from service.auth import AuthError, Principal
 from service.context import Context
@@ -21,23 +23,51 @@ T = TypeVar("T")
 _JSON_TYPES = ("application/json", "application/problem+json")
 
 
-def refuse_declared_oversize(request: Request, limit: int) -> None:
+@dataclass(slots=True)
+class Head:
+    """The headers the body-taking routes read, picked from the ASGI scope in one pass (the
+    first of each, as Starlette's Headers.get would give it)."""
+
+    authorization: str | None = None
+    content_length: str | None = None
+    content_type: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def of(cls, scope: Scope) -> Head:
+        head = cls()
+        for name, value in scope["headers"]:
+            field = _HEAD_FIELDS.get(name)
+            if field is not None and getattr(head, field) is None:
+                setattr(head, field, value.decode("latin-1"))
+        return head
+
+
+_HEAD_FIELDS = {
+    b"authorization": "authorization",
+    b"content-length": "content_length",
+    b"content-type": "content_type",
+    b"idempotency-key": "idempotency_key",
+}
+
+
+def refuse_declared_oversize(head: Head, limit: int) -> None:
     """413 when the declared Content-Length is over `limit`: the first check, before the
     token, so a large body is refused without reading it."""
-    declared = request.headers.get("content-length", "")
+    declared = head.content_length or ""
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body must be at most {limit} bytes")
 
 
-async def authenticate(ctx: Context, request: Request) -> Principal:
+async def authenticate(ctx: Context, head: Head) -> Principal:
     """Whose bearer token the request carries; 401 with a challenge when it has none valid."""
     try:
-        return await ctx.auth.authenticate(request.headers.get("authorization"))
+        return await ctx.auth.authenticate(head.authorization)
     except AuthError as exc:
         raise ApiError(401, str(exc), {"WWW-Authenticate": BEARER_CHALLENGE}) from None
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(ctx: Context, head: Head, receive: Receive, limit: int) -> bytes:
     """The request body (after the token check), 400 for a malformed Content-Length, 413 as
     soon as it is known to be larger than `limit`, 408 (and the connection closed) unless
     the whole body arrives within SCORE_BODY_TIMEOUT_S.
@@ -46,11 +76,10 @@ async def read_body(request: Request, limit: int) -> bytes:
     memory; a client that sends its headers and then trickles or stops holds its request
     for that long at most.
     """
-    ctx: Context = request.app.state.ctx
     timeout_s = ctx.settings.body_timeout_s
     try:
         async with asyncio.timeout(timeout_s):
-            return await _read_body(request, limit)
+            return await _read_body(head, receive, limit)
     except TimeoutError:
         raise ApiError(
             408,
@@ -59,28 +88,31 @@ async def read_body(request: Request, limit: int) -> bytes:
         ) from None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(head: Head, receive: Receive, limit: int) -> bytes:
     too_large = ApiError(413, f"the request body must be at most {limit} bytes")
-    declared = request.headers.get("content-length")
+    declared = head.content_length
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "the Content-Length header is not a number of bytes")
         if int(declared) > limit:
             raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise ApiError(400, "the client disconnected before sending the whole body") from None
-    return bytes(body)
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "the client disconnected before sending the whole body")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+def decode_json(head: Head, body: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     """Decode and validate a JSON body; 415/400 with msgspec's explanation on failure."""
-    content_type = request.headers.get("content-type", "application/json")
+    content_type = "application/json" if head.content_type is None else head.content_type
     if content_type.split(";")[0].strip().lower() not in _JSON_TYPES:
         raise ApiError(415, f"send the body as application/json, not {content_type!r}")
     try:
@@ -95,9 +127,9 @@ def decode_json(request: Request, body: bytes, decoder: msgspec.json.Decoder[T])
         raise ApiError(400, "the request body is nested too deeply") from None
 
 
-def idempotency_key(request: Request) -> str | None:
+def idempotency_key(head: Head) -> str | None:
     """The Idempotency-Key header, if sent; 400 unless it is 1-200 printable ASCII characters."""
-    key = request.headers.get("idempotency-key")
+    key = head.idempotency_key
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters")
     return key

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 
 import msgspec
 import pytest
-from starlette.requests import Request
 from starlette.testclient import TestClient
 from support import SECRET, Servers, assert_problem, make_env
 
@@ -21,7 +20,7 @@ from service.dev.servers import wait_for
 from service.errors import ApiError
 from service.keys import KeySchema
 from service.models import score_update_decoder
-from service.requests import decode_json
+from service.requests import Head, decode_json
 from service.scores import MAX_BODY_BYTES
 from service.settings import MAX_SCORE, Settings
 
@@ -291,11 +290,11 @@ def test_malformed_bodies_are_400_and_change_nothing(
     ids=["arrays", "objects", "in an unknown field"],
 )
 def test_decoding_nesting_deeper_than_any_body_limit_is_a_clean_400(body: bytes) -> None:
-    request = Request({"type": "http", "headers": [(b"content-type", b"application/json")]})
+    head = Head(content_type="application/json")
     decoders = [score_update_decoder, msgspec.json.Decoder(), msgspec.json.Decoder(Loose)]
     for decoder in decoders:
         with pytest.raises(ApiError) as caught:
-            decode_json(request, body, decoder)
+            decode_json(head, body, decoder)
         assert caught.value.status == 400
 
 
