@@ -26,8 +26,10 @@ lint: $(STAMP)
 
 # The browser tests use the system's Chromium; without one they say so in the summary
 # (and fail under CI=true). Nothing is downloaded from outside the package registries.
+# One worker per core (at most 4), each with servers of its own; a test file stays on one worker
+# (module fixtures: a cluster, a Sentinel deployment, are started once).
 test: lint  ## lint, types, and the whole suite against throwaway servers
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 $(VENV)/.bench-installed: $(STAMP)  # the bench extra: matplotlib, py-spy, pyinstrument
 	$(BIN)/pip install -q -e '.[dev,embedded,bench]'
