@@ -79,6 +79,8 @@ async def redis_unavailable() -> AsyncIterator[None]:
         raise _unavailable(
             f"the score store is unavailable ({type(exc).__name__}); retry shortly"
         ) from None
+    except redis.exceptions.RedisClusterException:  # no RedisError: a slot no node covers
+        raise _unavailable(f"the score store {_WHY['CLUSTERDOWN']}; retry shortly") from None
     except redis.exceptions.RedisError as exc:
         why = _WHY.get(_code(exc))
         if why is None:

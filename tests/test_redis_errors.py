@@ -18,7 +18,9 @@ from support import Servers, assert_problem, make_env
 from service.app import create_app
 from service.auth import mint
 from service.dev.servers import RedisServer, free_port, wait_for
+from service.errors import ApiError
 from service.keys import KeySchema
+from service.redis_errors import redis_unavailable
 from service.settings import Settings
 from service.users import provision_sync
 
@@ -133,3 +135,13 @@ def _assert_every_route_is_503_for_writes(
     assert_problem(resp, 503, words)
     assert resp.headers["Retry-After"] == "1"
     assert client.get("/api/v1/users/alice").json()["score"] == 0  # a replica still reads
+
+
+async def test_a_slot_no_cluster_node_covers_is_503_not_500() -> None:
+    """redis-py says so with RedisClusterException, which is no RedisError."""
+    with pytest.raises(ApiError) as caught:
+        async with redis_unavailable():
+            raise redis.exceptions.SlotNotCoveredError('Slot "7" is not covered by the cluster.')
+    assert caught.value.status == 503
+    assert "cluster that is down" in caught.value.detail
+    assert caught.value.headers["Retry-After"] == "1"
