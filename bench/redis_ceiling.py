@@ -44,9 +44,10 @@ def run(
     server = RedisServer(directory).start()
     try:
         client = redis.Redis(port=server.port)
-        board = KeySchema(1).all()[0].leaderboard
+        partition = KeySchema(1).all()[0]
         for start in range(0, USERS, 5000):
-            client.zadd(board, {user_id(i): 0 for i in range(start, start + 5000)})
+            client.zadd(partition.leaderboard, {user_id(i): 0 for i in range(start, start + 5000)})
+        client.set(partition.ready, "bench")  # the script refuses a Redis not yet rebuilt
         sha = client.script_load(load("submit_score").body)
         check = [a.replace("__rand_int__", "000000000001") for a in submit_command(sha, settings)]
         reply = client.evalsha(sha, int(check[2]), *check[3:])  # type: ignore[arg-type]
