@@ -1,0 +1,85 @@
+"""What one submit_score call costs Redis: `python -m bench.script_cost [SCRIPT.lua ...]`.
+
+Starts a throwaway Redis with the project's redis.conf, provisions 10,000 users, sends 60,000
+keyed increments by EVALSHA (pipelined 64 at a time, as the service's auto-pipeline does) and
+prints Redis's CPU per call (INFO cpu) and INFO commandstats: EVALSHA's own time and that of
+each command the script calls. With paths, each script is measured in turn (alternate them
+and repeat to compare two versions: the machine's own noise is about 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from service.dev.servers import RedisServer
+from service.keys import KeySchema
+from service.scripts import load, prepare_submit
+from service.settings import Settings
+
+USERS = 10_000
+CALLS = 60_000
+PIPELINE = 64
+
+
+def measure(body: str, label: str, calls: int = CALLS) -> None:
+    with tempfile.TemporaryDirectory(prefix="score-script-cost-") as directory:
+        server = RedisServer(Path(directory)).start()
+        try:
+            _measure(server, body, label, calls)
+        finally:
+            server.stop()
+
+
+def _measure(server: RedisServer, body: str, label: str, calls: int) -> None:
+    schema = KeySchema(1)
+    partition = schema.all()[0]
+    settings = Settings(redis_url=server.url, jwt_secret="s" * 40)
+    chosen = random.Random(1)
+    prepared = [
+        prepare_submit(settings, schema, f"u{chosen.randrange(USERS):012d}", 1,
+                       idempotency_key=f"k{n}")
+        for n in range(calls)
+    ]  # fmt: skip
+    with server.client() as client:
+        for start in range(0, USERS, 5000):
+            client.zadd(
+                partition.leaderboard, {f"u{i:012d}": 0 for i in range(start, start + 5000)}
+            )
+        client.set(partition.ready, "bench")  # the script refuses a Redis not yet rebuilt
+        sha = client.script_load(body)
+        client.config_resetstat()
+        before = client.info("cpu")
+        started = time.perf_counter()
+        for i in range(0, calls, PIPELINE):
+            pipe = client.pipeline(transaction=False)
+            for call in prepared[i : i + PIPELINE]:
+                pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
+            pipe.execute()
+        seconds = time.perf_counter() - started
+        after = client.info("cpu")
+        stats = client.info("commandstats")
+    cpu_s = sum(after[k] - before[k] for k in ("used_cpu_sys", "used_cpu_user"))
+    print(f"{label}: {cpu_s / calls * 1e6:.1f} us of Redis CPU per call "
+          f"({calls / seconds:,.0f} calls/s from one client)")  # fmt: skip
+    for name, s in sorted(stats.items(), key=lambda kv: -float(kv[1]["usec"])):
+        if s["calls"] >= calls:  # the script and the commands it calls, not INFO and CONFIG
+            print(f"  {name.removeprefix('cmdstat_'):10} {s['calls'] / calls:4.1f} per call, "
+                  f"{s['usec_per_call']:6.2f} us each")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scripts", nargs="*", type=Path, help="submit_score versions to compare")
+    args = parser.parse_args()
+    if not args.scripts:
+        measure(load("submit_score").body, "lua/submit_score-7.lua")
+    for path in args.scripts:
+        measure(path.read_text(), str(path))
+
+
+if __name__ == "__main__":
+    main()
