@@ -13,11 +13,12 @@ import argparse
 import random
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from service.dev.servers import RedisServer
 from service.keys import KeySchema
-from service.scripts import load, prepare_submit
+from service.scripts import Status, load, prepare_submit
 from service.settings import Settings
 
 USERS = 10_000
@@ -54,14 +55,17 @@ def _measure(server: RedisServer, body: str, label: str, calls: int) -> None:
         client.config_resetstat()
         before = client.info("cpu")
         started = time.perf_counter()
+        statuses: Counter[Status] = Counter()
         for i in range(0, calls, PIPELINE):
             pipe = client.pipeline(transaction=False)
             for call in prepared[i : i + PIPELINE]:
                 pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
-            pipe.execute()
+            statuses.update(Status(int(reply[0])) for reply in pipe.execute())
         seconds = time.perf_counter() - started
         after = client.info("cpu")
         stats = client.info("commandstats")
+    if set(statuses) != {Status.OK}:  # a refusal costs less: the number would flatter
+        raise SystemExit(f"{label}: not every call was accepted: {dict(statuses)}")
     cpu_s = sum(after[k] - before[k] for k in ("used_cpu_sys", "used_cpu_user"))
     print(f"{label}: {cpu_s / calls * 1e6:.1f} us of Redis CPU per call "
           f"({calls / seconds:,.0f} calls/s from one client)")  # fmt: skip
