@@ -61,6 +61,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(refuse_evicting_redis, settings)
         client = async_redis(settings)
+        reads = async_redis(settings, reads_only=True)
         pg = AsyncConnectionPool(
             settings.database_url,
             min_size=1,
@@ -74,6 +75,7 @@ def create_app(
             settings=settings,
             schema=KeySchema(settings.partitions),
             redis=client,
+            reads=reads,
             scripts=Scripts(
                 client, Replication(settings.redis_min_replicas, settings.redis_wait_ms)
             ),
@@ -102,6 +104,7 @@ def create_app(
                 await ctx.auth.jwks.stop()
             await pg.close()
             await client.aclose()
+            await reads.aclose()
             process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
     routes = [
@@ -197,8 +200,8 @@ async def keep_ready(ctx: Context, rebuild: Rebuild | None) -> None:
 async def _read_state(ctx: Context) -> tuple[bool, Layout | None]:
     """Whether Redis holds the leaderboards (the ready marker), and the layout it records."""
     markers = ctx.schema.ready_markers
-    marked = await ctx.redis.exists(*markers) == len(markers)
-    raw = await ctx.redis.get(ctx.schema.layout)
+    marked = await ctx.reads.exists(*markers) == len(markers)
+    raw = await ctx.reads.get(ctx.schema.layout)
     return marked, None if raw is None else decode(raw)
 
 

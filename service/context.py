@@ -22,6 +22,10 @@ class Context:
     settings: Settings
     schema: KeySchema
     redis: aioredis.Redis
+    """Never re-sends a command: what writes goes through it (and `scripts`)."""
+    reads: aioredis.Redis
+    """For reads only: a read is sent again once after a broken connection (a Redis that
+    restarted leaves dead connections in the pool), which the other client never does."""
     scripts: Scripts
     auth: Authenticator
     pg: AsyncConnectionPool

@@ -75,7 +75,7 @@ async def postgres_status(ctx: Context) -> str:
 async def redis_status(ctx: Context) -> str:
     """ "ok", "loading", or "down: <why>"."""
     try:
-        await ctx.redis.ping()
+        await ctx.reads.ping()
     except redis.exceptions.BusyLoadingError:
         return "loading"
     except redis.exceptions.RedisError as exc:
@@ -98,8 +98,8 @@ class PersisterProbe:
         try:
             # one after the other, on one pooled connection: a connection for each would be
             # one more to find broken after a Redis restart (this client never retries)
-            workers = await persister_lag.live_workers(ctx.redis)
-            lags = await persister_lag.read_lags(ctx.redis, ctx.schema.all())
+            workers = await persister_lag.live_workers(ctx.reads)
+            lags = await persister_lag.read_lags(ctx.reads, ctx.schema.all())
         except redis.exceptions.RedisError:
             self._last = None
         else:

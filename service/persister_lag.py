@@ -221,7 +221,7 @@ REGISTRY.register(COLLECTOR)
 async def refresh(ctx: Context) -> None:
     """Read every partition's lag for the scrape under way; none while Redis is down."""
     try:
-        COLLECTOR.lags = await read_lags(ctx.redis, ctx.schema.all())
+        COLLECTOR.lags = await read_lags(ctx.reads, ctx.schema.all())
     except redis.RedisError:
         COLLECTOR.lags = []
 

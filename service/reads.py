@@ -26,7 +26,7 @@ async def read_leaderboard(ctx: Context, limit: int) -> Leaderboard:
     the stream without a gap.
     """
     async with redis_unavailable():
-        tops = await read_tops(ctx.redis, ctx.schema, ctx.settings.top_n)
+        tops = await read_tops(ctx.reads, ctx.schema, ctx.settings.top_n)
     return build(tops.versions, tops.rows, limit)
 
 
@@ -54,7 +54,7 @@ async def get_user(request: Request) -> Response:
     async with redis_unavailable():
         # the marker with the score, in one step: a Redis wiped since the last readiness poll
         # has neither, and that is a 503, not a 404
-        pipe = ctx.redis.pipeline(transaction=True)
+        pipe = ctx.reads.pipeline(transaction=True)
         pipe.exists(keys.ready)
         pipe.zscore(keys.leaderboard, user_id)
         ready, stored = await pipe.execute()
@@ -63,7 +63,7 @@ async def get_user(request: Request) -> Response:
         if stored is None:
             raise ApiError(404, f"user {user_id!r} not found")
         # rank = 1 + users with a strictly higher score, in every partition (scores negated)
-        pipe = ctx.redis.pipeline(transaction=False)
+        pipe = ctx.reads.pipeline(transaction=False)
         for p in ctx.schema.all():
             pipe.zcount(p.leaderboard, "-inf", f"({int(stored)}")
         better = sum(await pipe.execute())
