@@ -5,7 +5,6 @@ service and the worker start: both wait for it, answering 503 meanwhile."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from support import (
     start_service,
     start_worker,
     stop_process,
+    users_in_every_partition,
 )
 
 from service.auth import mint
@@ -55,7 +55,7 @@ def test_a_partition_resharded_under_load_loses_and_doubles_nothing(
         SCORE_PARTITIONS=str(PARTITIONS),
     )
     settings = Settings.from_env(env)
-    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
+    users = users_in_every_partition(PARTITIONS, 10)
     assert cli(env, "users", "add", *users).returncode == 0
     svc = start_service(env, tmp_path / "serve.log")
     worker = start_worker(env, tmp_path / "worker.log")

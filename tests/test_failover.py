@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import psycopg
@@ -25,6 +24,7 @@ from support import (
     start_service,
     start_worker,
     stop_process,
+    users_in_every_partition,
 )
 
 from service.connections import sync_redis
@@ -98,7 +98,7 @@ def test_a_primary_killed_under_load_loses_no_acknowledged_increment(
         **extra,
     )
     settings = Settings.from_env(env)
-    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
+    users = users_in_every_partition(PARTITIONS, 10)
     assert cli(env, "users", "add", *users).returncode == 0
     svc = start_service(env, tmp_path / "serve.log")
     worker = start_worker(env, tmp_path / "worker.log")
@@ -169,7 +169,7 @@ def test_a_primary_cut_off_from_its_replicas_and_sentinels_keeps_every_acknowled
 
     deployment = LocalSentinel(tmp_path / "sentinel", own_addresses=True, front=through_a_proxy)
     empty_postgres(servers)
-    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(30)]
+    users = users_in_every_partition(PARTITIONS, 10)
     with contextlib.ExitStack() as running:  # stopped in reverse order, whatever fails
         running.callback(lambda: [p.stop() for p in proxies])
         running.callback(deployment.stop)

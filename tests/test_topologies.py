@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +24,13 @@ from support import (
     start_service,
     start_worker,
     stop_process,
+    users_in_every_partition,
 )
 
 from service.auth import mint
 from service.dev.servers import RedisServer, ServerError, wait_for
 from service.dev.tls import self_signed
 from service.dev.topologies import LocalCluster, LocalSentinel
-from service.keys import KeySchema
 from service.settings import Settings
 from service.streamids import order
 
@@ -133,8 +132,7 @@ def test_every_part_works_and_the_totals_add_up(
     """With eight partitions two workers drain them side by side (each partition under a lock
     of its own): the totals still add up exactly."""
     settings = Settings.from_env(topo_env)
-    users = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(8 * partitions)]
-    assert {KeySchema(partitions).for_user(u).index for u in users} == set(range(partitions))
+    users = users_in_every_partition(partitions, 8)
     out = cli(topo_env, "users", "add", *users)
     assert out.returncode == 0, out.stderr
     svc = start_service(topo_env, tmp_path / "serve.log")
