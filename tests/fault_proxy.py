@@ -8,7 +8,8 @@ use it alike. Faults are chosen by mode, changed at any time:
   reset as soon as a reply arrives: the server executed the command, the client never hears.
 - `DROP_ONE_REPLY`: like DROP_REPLIES for the next reply only, then PASS (the client's retry
   of that command, on a new connection, gets through).
-- `DELAY`: every chunk waits `delay_s` before it is forwarded (both ways).
+- `DELAY`: every chunk waits `delay_s` before it is forwarded (both ways), or until the mode
+  changes.
 - `BLACKHOLE`: connections are accepted and nothing is forwarded either way (a partition
   that does not close sockets).
 - `REFUSE`: new connections are closed at once (a server that is down).
@@ -64,6 +65,8 @@ class FaultProxy:
         self._isolated: frozenset[str] = frozenset()
         self._healed = asyncio.Event()
         self._healed.set()
+        self._undelayed = asyncio.Event()
+        self._undelayed.set()
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -89,12 +92,16 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
-            # the connections just reset close their sockets on the loop's next turns
-            self._loop.run_until_complete(asyncio.sleep(0.01))
+            # the connections just reset close their sockets on the loop's next turn
+            self._loop.call_soon(self._loop.stop)
+            self._loop.run_forever()
             self._loop.close()
 
     def set(self, mode: Mode, delay_s: float = 0.0) -> None:
         self.mode, self.delay_s = mode, delay_s
+        delayed = mode is Mode.DELAY and delay_s > 0
+        flag = self._undelayed
+        self._loop.call_soon_threadsafe(flag.clear if delayed else flag.set)
 
     def reset_all(self) -> None:
         """Reset (RST, not FIN) every open connection."""
@@ -184,7 +191,9 @@ class FaultProxy:
                         _reset(w)
                     return
                 if mode is Mode.DELAY and self.delay_s > 0:
-                    await asyncio.sleep(self.delay_s)
+                    # the injected latency: held for delay_s, or until the delay is lifted
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._undelayed.wait(), self.delay_s)
                 dst.write(data)
                 await dst.drain()
         except (OSError, asyncio.IncompleteReadError):

@@ -14,6 +14,7 @@ import httpx
 import websockets
 from support import Service, start_service, stop_process
 
+from service.dev.servers import wait_for_async
 from service.streamids import order
 
 Frame = dict[str, Any]
@@ -67,16 +68,20 @@ def score_of(frame: Frame, user_id: str) -> int | None:
 
 async def post_score(http: httpx.AsyncClient, token: str, user_id: str, increase: int) -> int:
     """POST /api/v1/score (retried while the service answers 503); the new score."""
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            r = await http.post(
+    answers: list[httpx.Response] = []
+
+    async def answered() -> bool:
+        answers.append(
+            await http.post(
                 "/api/v1/score",
                 json={"user_id": user_id, "score_increase": increase},
                 headers={"Authorization": f"Bearer {token}"},
             )
-            if r.status_code != 503:
-                break
-            await asyncio.sleep(0.05)  # polling a service that is coming back, not syncing
+        )
+        return answers[-1].status_code != 503
+
+    await wait_for_async(answered, WAIT_S, "an answer other than 503")
+    r = answers[-1]
     assert r.status_code == 200, r.text
     new_score: int = r.json()["new_score"]
     return new_score

@@ -85,4 +85,4 @@ class Players:
                         break
                     if resp.status_code != 503:  # never a 500, never a 4xx: the test fails
                         return
-                    time.sleep(0.05)  # a client's pause before its retry, not a wait for state
+                    self.stop.wait(0.05)  # a client's pause before its retry (short at the end)

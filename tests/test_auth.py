@@ -31,7 +31,7 @@ from support import Servers, assert_problem, make_env
 import service.auth
 from service.app import create_app
 from service.auth import LEEWAY_S, MAX_TOKEN_CHARS, Authenticator, AuthError, Jwks, Principal
-from service.dev.servers import wait_for
+from service.dev.servers import wait_for, wait_for_async
 from service.settings import Settings
 
 SECRET = "auth-test-secret-" + "z" * 60  # long enough for HS512 too
@@ -108,11 +108,7 @@ async def refused(auth: Authenticator, token: str, *words: str) -> str:
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 10) -> None:
     """Poll `check` on the event loop until it holds (deadline: `within` seconds)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within}s")
-        await asyncio.sleep(0.02)
+    await wait_for_async(check, within, what)
 
 
 def secret_auth(**env: str) -> Authenticator:

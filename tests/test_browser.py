@@ -1,8 +1,8 @@
 """The live page in headless Chromium (Debian's `chromium`, driven by Playwright): it loads
 the snapshot, follows the stream, shows a posted score's new rank, and reconnects by itself.
 
-Without a Chromium these tests do not run, and the summary says why; under CI=true that is a
-failure, not a skip."""
+They are `system` tests (`make test-system`, which CI runs): without a Chromium they fail and
+say what to install."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from live_support import running
 from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
 from support import cannot_run
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.system]
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # The system's Chromium (`.ci/run` installs Debian's). Nothing downloads one: a browser build

@@ -186,7 +186,7 @@ class Traffic:
                 return
             if reply is not None and reply.status_code != 503:
                 raise AssertionError(f"unexpected {reply.status_code}: {reply.text}")
-            time.sleep(RETRY_PAUSE_S)  # a client's pause between retries
+            self._stop.wait(RETRY_PAUSE_S)  # a client's pause between retries (short at the end)
         raise AssertionError(f"increment {key} for {user} was never acknowledged")
 
 

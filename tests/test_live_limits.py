@@ -37,7 +37,7 @@ from starlette.websockets import WebSocketDisconnect
 from support import ROOT, Servers, make_env, stop_process
 
 from service.app import create_app
-from service.dev.servers import RedisServer, free_port, wait_for
+from service.dev.servers import RedisServer, free_port, wait_for, wait_for_async
 from service.keys import KeySchema
 from service.live.endpoints import address_key
 from service.scripts import SyncScripts, publish_top
@@ -200,9 +200,11 @@ async def test_a_slow_client_is_closed_while_a_fast_one_keeps_receiving(
             await recv_frame(fast)
             reader = asyncio.create_task(read_fast(fast))
             with churning(r, env, users):
-                async with asyncio.timeout(60):
-                    while await asyncio.to_thread(slow_closes, svc.base) < 1:  # noqa: ASYNC110
-                        await asyncio.sleep(0.02)  # polling the server's count, with a deadline
+
+                async def closed_one() -> bool:
+                    return await asyncio.to_thread(slow_closes, svc.base) >= 1
+
+                await wait_for_async(closed_one, 60, "the server to close the slow client")
             # the slow client, reading again, finds the documented close after its backlog
             assert "too slow" in await assert_closed_with(slow, 4001)
             # the fast one was never held back, and still follows: it gets the next change

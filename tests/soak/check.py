@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import httpx
 import psycopg
 
-from service.dev.servers import wait_for
+from service.dev.servers import ServerError, wait_for
 
 from .ledger import Ledger
 from .stack import ROOT, Stack
@@ -50,13 +49,17 @@ def drain(stack: Stack, timeout: float) -> str | None:
         wait_for(ready, timeout, "the service to be ready after the faults")
     except Exception as exc:
         return f"not ready {timeout:.0f}s after the faults stopped: {exc}; /readyz: {last['body']}"
-    deadline = time.monotonic() + timeout
-    left: int | None = None
-    while time.monotonic() < deadline:
-        left = unpersisted(stack)
-        if left == 0:
-            return None
-        time.sleep(0.2)
+    seen: list[int | None] = [None]
+
+    def drained() -> bool:
+        seen[0] = unpersisted(stack)
+        return seen[0] == 0
+
+    try:
+        wait_for(drained, timeout, "the drain")
+        return None
+    except ServerError:
+        left = seen[0]
     return f"the persister did not drain within {timeout:.0f}s after the faults stopped: " + (
         f"{left} increments still waiting in Redis (pending or undelivered)"
         if left is not None

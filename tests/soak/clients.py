@@ -157,8 +157,9 @@ class Shared:
             return self._tokens[name]
 
     def pause(self, rng: random.Random) -> None:
-        """A client's pause before it retries (interrupted by nothing: clients are threads)."""
-        time.sleep(rng.uniform(0.05, 0.4))
+        """A client's pause before it retries, cut short when the run stops (the retry is
+        still sent: one in doubt always is)."""
+        self.stop.wait(rng.uniform(0.05, 0.4))
 
 
 class Player(threading.Thread):
@@ -192,7 +193,7 @@ class Player(threading.Thread):
                         n += 1
                     finally:
                         s.gate.leave()
-                    time.sleep(self.rng.uniform(0, 2 * self.pace_s))
+                    s.stop.wait(self.rng.uniform(0, 2 * self.pace_s))  # pace; ends at stop
         except BaseException as exc:  # reported, never swallowed
             self.error = exc
 
@@ -272,7 +273,7 @@ class AdminAdjuster(threading.Thread):
                         n += 1
                     finally:
                         s.gate.leave()
-                    time.sleep(self.rng.uniform(0, 2 * self.pace_s))
+                    s.stop.wait(self.rng.uniform(0, 2 * self.pace_s))  # pace; ends at stop
         except BaseException as exc:
             self.error = exc
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import httpx
 from fault_proxy import FaultProxy, Mode
 
+from service.dev.servers import ServerError, wait_for
 from service.persister_lag import read_lags_sync
 
 from .clients import NOT_SENT, UNKNOWN, Shared, classify
@@ -68,14 +69,15 @@ def unpersisted(stack: Stack) -> int | None:
 
 def wait_drained(stack: Stack, timeout: float, stop: threading.Event | None = None) -> bool:
     """True once no increment waits in Redis; False after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if unpersisted(stack) == 0:
-            return True
-        if stop is not None and stop.is_set():
-            return False
-        time.sleep(0.2)
-    return False
+    drained = [False]
+
+    def done() -> bool:
+        drained[0] = unpersisted(stack) == 0
+        return drained[0] or (stop is not None and stop.is_set())
+
+    with contextlib.suppress(ServerError):
+        wait_for(done, timeout, "the drain")
+    return drained[0]
 
 
 def last_line(output: str) -> str:
