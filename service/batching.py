@@ -376,12 +376,11 @@ class ClusterAutoPipeline:
                 self._stale = False
                 try:
                     await self._client.nodes_manager.initialize()
-                except redis.exceptions.RedisError:
-                    self._stale = True
+                except (redis.exceptions.RedisError, RedisClusterException) as exc:
+                    self._stale = True  # no node answered: the next call tries again
+                    if isinstance(exc, RedisClusterException):  # no RedisError: say it as one
+                        raise ClusterUnreachable(str(exc)) from exc
                     raise
-                except RedisClusterException as exc:  # no node answered: the next call tries
-                    self._stale = True
-                    raise ClusterUnreachable(str(exc)) from exc
 
     def _for(self, node: Any) -> AutoPipeline:
         pipeline = self._pipelines.get(node.name)

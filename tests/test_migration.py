@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from persist_support import cli
+from persist_support import cli, pg_scores
 from support import Servers, empty_postgres, make_env, start_service, start_worker, stop_process
 
 from service.auth import mint
@@ -57,12 +57,6 @@ def backlog(env: dict[str, str]) -> int:
     assert out.returncode == 0, out.stderr
     rows = out.stdout.splitlines()[2:]
     return sum(int(row.split()[3]) + int(row.split()[4]) for row in rows)
-
-
-def postgres_scores(servers: Servers) -> dict[str, int]:
-    with psycopg.connect(servers.postgres.url) as conn:
-        rows = conn.execute("SELECT user_id, score FROM users").fetchall()
-    return {str(user): int(str(score)) for user, score in rows}
 
 
 def test_one_server_to_a_cluster_loses_and_doubles_nothing(
@@ -116,7 +110,11 @@ def test_one_server_to_a_cluster_loses_and_doubles_nothing(
         partitions = cli(spread, "partitions").stdout
         assert len({row.split()[-1] for row in partitions.splitlines()[2:]}) == 3, partitions
 
-        wait_for(lambda: postgres_scores(servers) == client.ledger, 30, "Postgres = the ledger")
+        def persisted() -> bool:
+            with psycopg.connect(servers.postgres.url) as conn:
+                return pg_scores(conn, USERS) == client.ledger
+
+        wait_for(persisted, 30, "Postgres to equal the ledger")
         out = cli(spread, "reconcile")
         assert out.returncode == 0, out.stdout + out.stderr
     finally:
