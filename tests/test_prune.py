@@ -183,13 +183,16 @@ def test_prune_while_the_persister_drains_loses_or_doubles_nothing(
                 submit(settings, client, user, 1)
                 sent[user] += 1
                 i += 1
-                if i % 50 == 0:
-                    persister.drain(0, budget_s=0.5)
         finally:
             client.close()
 
-    thread = threading.Thread(target=traffic)
-    thread.start()
+    def draining() -> None:  # a thread of its own: increments keep coming while it drains
+        while not stop.is_set():
+            persister.drain(0, budget_s=0.5)
+
+    threads = [threading.Thread(target=traffic), threading.Thread(target=draining)]
+    for thread in threads:
+        thread.start()
     try:
         wait_for(lambda: sum(sent.values()) > 200, 10, "traffic")
         began = sum(sent.values())
@@ -198,7 +201,8 @@ def test_prune_while_the_persister_drains_loses_or_doubles_nothing(
         assert sum(sent.values()) > began  # increments arrived, and were drained, meanwhile
     finally:
         stop.set()
-        thread.join()
+        for thread in threads:
+            thread.join()
     persister.drain(0)
     expected = {u: 300 * 301 // 2 + sent[u] for u in users}
     assert pg_scores(pg, users) == expected
