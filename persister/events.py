@@ -3,7 +3,7 @@
 The Lua hot path appends `e <event id> u <user_id> d <delta>`, and, for a request made with an
 Idempotency-Key, `k <the key> t <the new total>` (the ledger keeps them, so a rebuild can
 restore the idempotency records; the key is in its stored form, an operator's prefixed:
-`service.keys.stored_idempotency_key`). The event id is made by the service (a random UUID), so it
+`service.keys.stored_idempotency_key`). The event id is made by the service (a UUIDv7), so it
 stays the same when a stream id does not (a Redis failover, a replay).
 """
 

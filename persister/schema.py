@@ -86,6 +86,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX IF NOT EXISTS score_events_user_keys ON score_events (user_id, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # The ledger's index on user_id served no query (reconcile and prune read the whole
+    # ledger, the keyed-retry check has the index above, users are never deleted) and cost
+    # every event an insert into a B-tree in random order.
+    """
+    DROP INDEX IF EXISTS score_events_user_id;
+    """,
 ]
 
 # Serialises concurrent `migrate` runs (several replicas starting at once).

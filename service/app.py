@@ -34,7 +34,8 @@ from service.openapi import OPENAPI_PATH, openapi
 from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.request_id import RequestId
-from service.scores import ScoreEndpoint
+from service.scores import PATH as SCORE_PATH
+from service.scores import HotPath, ScoreEndpoint
 from service.scripts import Scripts
 from service.settings import Settings
 from service.tasks import cancel_and_wait
@@ -107,8 +108,9 @@ def create_app(
             await reads.aclose()
             process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
+    score = ScoreEndpoint()
     routes = [
-        Route("/api/v1/score", ScoreEndpoint(), methods=["POST"]),
+        Route(SCORE_PATH, score, methods=["POST"]),  # its POST goes through HotPath
         Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
         Route("/api/v1/users/{user_id:path}", get_user, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -129,6 +131,7 @@ def create_app(
             *cors_middleware(settings),  # refusals below carry the CORS headers too
             Middleware(CloseWhileDraining),
             Middleware(ConcurrencyLimit, limit=settings.max_concurrency),
+            Middleware(HotPath, endpoint=score),
         ],
         exception_handlers={
             ApiError: api_error_handler,

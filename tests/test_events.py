@@ -7,6 +7,9 @@ import itertools
 import uuid
 
 from persister.events import Batch, Malformed, parse, parse_raw
+from service.keys import KeySchema
+from service.scripts import prepare_submit
+from service.settings import Settings
 
 EVENT_ID = str(uuid.uuid4()).encode()
 VALUES: dict[bytes, list[bytes | None]] = {
@@ -41,3 +44,19 @@ def test_parse_raw_agrees_with_parse_on_good_and_bad_entries() -> None:
             checked += 1
             accepted += want is not None
     assert accepted > 0 and checked - accepted > 0  # both sides of the line were exercised
+
+
+def test_the_service_makes_unique_time_ordered_event_ids_the_fast_parser_takes() -> None:
+    """Event ids are UUIDv7s, each new, in the order they were made (the ledger's primary
+    key grows at its right edge), in the canonical form `parse_raw` reads directly."""
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", jwt_secret="s" * 40)
+    ids = [str(prepare_submit(settings, KeySchema(1), "ann", 1).args[2]) for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert {uuid.UUID(i).version for i in ids} == {7}
+    batch = Batch()
+    parse_raw(
+        [(b"1-%d" % n, [b"e", i.encode(), b"u", b"ann", b"d", b"1"]) for n, i in enumerate(ids)],
+        batch,
+    )
+    assert [e.event_id for e in batch.events] == ids
