@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             ws_max_size=settings.live_max_message_bytes,
             lifespan="on",
             access_log=False,  # uvicorn's: ours is SCORE_ACCESS_LOG (service/request_id.py)
+            server_header=False,  # names the server software to anyone; a header less to send
             # After SIGTERM's grace period (service/live/going_away.py): requests in flight get this
             # long to finish; then they are cancelled.
             timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,

@@ -60,33 +60,41 @@ def _unavailable(detail: str) -> ApiError:
 
 @asynccontextmanager
 async def redis_unavailable() -> AsyncIterator[None]:
-    """Turn every Redis error inside the block into ApiError(503) with Retry-After.
+    """Turn every Redis error inside the block into ApiError(503) with Retry-After (see
+    `unavailable`)."""
+    try:
+        yield
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise unavailable(exc) from None
+
+
+def unavailable(
+    exc: redis.exceptions.RedisError | redis.exceptions.RedisClusterException,
+) -> ApiError:
+    """The 503 (with Retry-After) that a Redis error on a client's request is answered with.
 
     What reaches Redis has been validated: no Redis error is the client's fault. An outage
     (unreachable, hung, or one of the states in `_WHY`) is expected; any other error reply
     is logged as the bug it would be, and still answered 503, never 500.
     """
-    try:
-        yield
-    except NotReplicated as exc:
-        raise _unavailable(
+    if isinstance(exc, NotReplicated):
+        return _unavailable(
             f"the increment reached the score store but was not {exc} (SCORE_REDIS_MIN_REPLICAS):"
             " a failover could lose it; retry with the same Idempotency-Key, which counts it once"
-        ) from None
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        if isinstance(exc, redis.exceptions.BusyLoadingError):
-            raise _unavailable("the score store is loading its data; retry shortly") from None
-        raise _unavailable(
-            f"the score store is unavailable ({type(exc).__name__}); retry shortly"
-        ) from None
-    except redis.exceptions.RedisClusterException:  # no RedisError: a slot no node covers
-        raise _unavailable(f"the score store {_WHY['CLUSTERDOWN']}; retry shortly") from None
-    except redis.exceptions.RedisError as exc:
-        why = _WHY.get(_code(exc))
-        if why is None:
-            log.error("unexpected Redis error, answered 503", exc_info=True)
-            why = "refused the call"
-        raise _unavailable(f"the score store {why}; retry shortly") from None
+        )
+    if isinstance(exc, redis.exceptions.BusyLoadingError):
+        return _unavailable("the score store is loading its data; retry shortly")
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return _unavailable(f"the score store is unavailable ({type(exc).__name__}); retry shortly")
+    if isinstance(
+        exc, redis.exceptions.RedisClusterException
+    ):  # no RedisError: a slot no node covers
+        return _unavailable(f"the score store {_WHY['CLUSTERDOWN']}; retry shortly")
+    why = _WHY.get(_code(exc))
+    if why is None:
+        log.error("unexpected Redis error, answered 503", exc_info=exc)
+        why = "refused the call"
+    return _unavailable(f"the score store {why}; retry shortly")
 
 
 def refuse_until_ready(ctx: Context) -> None:

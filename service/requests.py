@@ -56,7 +56,11 @@ def refuse_declared_oversize(head: Head, limit: int) -> None:
     token, so a large body is refused without reading it."""
     declared = head.content_length or ""
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body must be at most {limit} bytes")
+        raise _too_large(limit)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body must be at most {limit} bytes")
 
 
 async def authenticate(ctx: Context, head: Head) -> Principal:
@@ -103,13 +107,12 @@ def _expire(task: asyncio.Task[object], expired: list[bool]) -> None:
 
 
 async def _read_body(head: Head, receive: Receive, limit: int) -> bytes:
-    too_large = ApiError(413, f"the request body must be at most {limit} bytes")
     declared = head.content_length
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
             raise ApiError(400, "the Content-Length header is not a number of bytes")
         if int(declared) > limit:
-            raise too_large
+            raise _too_large(limit)
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -118,7 +121,7 @@ async def _read_body(head: Head, receive: Receive, limit: int) -> bytes:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -12,12 +12,13 @@ import time
 
 import msgspec
 from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.context import Context
 from service.errors import ApiError, problem
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
+from service.redis_errors import not_ready, refuse_until_ready, unavailable
 from service.requests import (
     Head,
     authenticate,
@@ -139,10 +140,12 @@ async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[dict[
         idempotency_key=key,
     )
     refuse_until_ready(ctx)
-    async with redis_unavailable():
-        sent = time.perf_counter()
+    sent = time.perf_counter()
+    try:
         result = await ctx.scripts.submit(call)
-        REDIS_LATENCY.observe(time.perf_counter() - sent)
+    except (RedisError, RedisClusterException) as exc:  # redis_unavailable(), inlined
+        raise unavailable(exc) from None
+    REDIS_LATENCY.observe(time.perf_counter() - sent)
     status = result.status
     if status is Status.NOT_READY:
         raise not_ready()
