@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from service import tally
 from service.admin import post_scores, post_users
 from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
@@ -93,6 +94,7 @@ def create_app(
             marked, recorded = await _read_state(ctx)
             ctx.ready = marked and layout_problem(recorded, settings) is None
         readiness = asyncio.create_task(keep_ready(ctx, rebuild))
+        tallying = asyncio.create_task(tally.keep_flushing())
         await live.start()
         unhook_signals = hook_shutdown_signals(ctx, live)
         try:
@@ -101,6 +103,7 @@ def create_app(
             unhook_signals()
             await live.stop()
             await cancel_and_wait(readiness)
+            await cancel_and_wait(tallying)  # and flushes what is left
             if ctx.auth.jwks is not None:
                 await ctx.auth.jwks.stop()
             await pg.close()

@@ -15,7 +15,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service import persister_lag
+from service import persister_lag, tally
 from service.context import Context
 from service.models import encoder
 
@@ -207,6 +207,7 @@ def _alive(pid: int) -> bool:
 async def metrics(request: Request) -> Response:
     """Prometheus exposition of the service's metrics, and the persister's lag (from Redis)."""
     await persister_lag.refresh(request.app.state.ctx)
+    tally.flush()  # this process's counts, up to this request
     forget_dead_processes()
     registry = _registry()
     body = generate_latest() if registry is None else generate_latest(registry)

@@ -102,8 +102,19 @@ def test_two_workers_report_every_accepted_update(env, r, add_users, token, tmp_
                 headers={"Authorization": f"Bearer {token('ghost')}"},
             )
             assert unknown.status_code == 404
-            for _ in range(4):  # whichever worker answers the scrape, the sums are whole
-                text = c.get("/metrics", headers={"Connection": "close"}).text
+
+            def scrape() -> str:
+                return c.get("/metrics", headers={"Connection": "close"}).text
+
+            # each worker hands its counts over every second (service.tally), and at once to
+            # its own scrapes
+            wait_for(
+                lambda: _value(scrape(), "score_update_redis_seconds_count") == 41,
+                10,
+                "both workers' counts in a scrape",
+            )
+            for _ in range(4):  # whichever worker answers the scrape now, the sums are whole
+                text = scrape()
                 assert _accepted(text) == 40
                 assert 'score_update_responses_total{status="404"} 1.0' in text
                 assert "score_persister_lag_seconds" in text
