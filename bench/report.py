@@ -169,10 +169,11 @@ def markdown(r: dict[str, Any]) -> str:
             f"{_ms(p['p50_ms'])} | {_ms(p['p99_ms'])} | {_ms(p['max_ms'])} |"
         )
     ceiling = _get(r, "redis_ceiling") or {}
+    how = ceiling.get("how", "EVALSHA")  # runs before 2026-12-03 measured EVALSHA only
     for name, c in ceiling.items():
         if isinstance(c, dict):
             lines.append(
-                f"\nRedis alone, submit script by EVALSHA ({name.replace('_', ' ')}, "
+                f"\nRedis alone, submit script by {how} ({name.replace('_', ' ')}, "
                 f"{c['connections']} conn.): {c['rps']:,.0f} calls/s, p50 {c['p50_ms']} ms."
             )
     durability = _get(r, "durability", "summary") or {}

@@ -1,10 +1,11 @@
 """What one submit_score call costs Redis: `python -m bench.script_cost [SCRIPT.lua ...]`.
 
 Starts a throwaway Redis with the project's redis.conf, provisions 10,000 users, sends 60,000
-keyed increments by EVALSHA (pipelined 64 at a time, as the service's auto-pipeline does) and
-prints Redis's CPU per call (INFO cpu) and INFO commandstats: EVALSHA's own time and that of
-each command the script calls. With paths, each script is measured in turn (alternate them
-and repeat to compare two versions: the machine's own noise is about 10%).
+keyed increments (pipelined 64 at a time, as the service's auto-pipeline does), by EVALSHA
+and, on Redis 7, as a Function by FCALL (what the service sends there), and prints Redis's
+CPU per call (INFO cpu) and INFO commandstats: the call's own time and that of each command
+the script calls. With paths, each script is measured in turn (alternate them and repeat to
+compare two versions: the machine's own noise is about 10%).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from service.dev.servers import RedisServer
+from service.dev.servers import RedisServer, redis_version
 from service.keys import KeySchema
-from service.scripts import Status, load, prepare_submit
+from service.scripts import LuaSource, Status, load, prepare_submit
 from service.settings import Settings
 
 USERS = 10_000
@@ -27,15 +28,20 @@ PIPELINE = 64
 
 
 def measure(body: str, label: str, calls: int = CALLS) -> None:
+    """Measure `body` by EVALSHA, and as a Function where the Redis has them."""
     with tempfile.TemporaryDirectory(prefix="score-script-cost-") as directory:
-        server = RedisServer(Path(directory)).start()
-        try:
-            _measure(server, body, label, calls)
-        finally:
-            server.stop()
+        for how in ("EVALSHA", "FCALL"):
+            if how == "FCALL" and redis_version() < (7,):
+                print(f"{label} by FCALL: Redis {redis_version()} has no Functions")
+                continue
+            server = RedisServer(Path(directory) / how).start()
+            try:
+                _measure(server, body, f"{label} by {how}", calls, how)
+            finally:
+                server.stop()
 
 
-def _measure(server: RedisServer, body: str, label: str, calls: int) -> None:
+def _measure(server: RedisServer, body: str, label: str, calls: int, how: str) -> None:
     schema = KeySchema(1)
     partition = schema.all()[0]
     settings = Settings(redis_url=server.url, jwt_secret="s" * 40)
@@ -51,7 +57,11 @@ def _measure(server: RedisServer, body: str, label: str, calls: int) -> None:
                 partition.leaderboard, {f"u{i:012d}": 0 for i in range(start, start + 5000)}
             )
         client.set(partition.ready, "bench")  # the script refuses a Redis not yet rebuilt
-        sha = client.script_load(body)
+        if how == "FCALL":
+            target, library = LuaSource("submit_score", 7, body).function()
+            client.function_load(library)
+        else:
+            target = client.script_load(body)
         client.config_resetstat()
         before = client.info("cpu")
         started = time.perf_counter()
@@ -59,7 +69,7 @@ def _measure(server: RedisServer, body: str, label: str, calls: int) -> None:
         for i in range(0, calls, PIPELINE):
             pipe = client.pipeline(transaction=False)
             for call in prepared[i : i + PIPELINE]:
-                pipe.evalsha(sha, len(call.keys), *call.keys, *call.args)
+                pipe.execute_command(how, target, len(call.keys), *call.keys, *call.args)
             statuses.update(Status(int(reply[0])) for reply in pipe.execute())
         seconds = time.perf_counter() - started
         after = client.info("cpu")

@@ -28,21 +28,30 @@
 
     ARGV[1]  user_id
     ARGV[2]  delta                 integer, non-zero
-    ARGV[3]  event id              made by the service (a random UUID), unique per accepted
+    ARGV[3]  event id              made by the service (a UUIDv7), unique per accepted
                                    increment, with or without an Idempotency-Key
     ARGV[4]  Idempotency-Key       the caller's key in its stored form (an operator's is
                                    prefixed: service.keys.stored_idempotency_key), or "" for
                                    none (KEYS[3] is then unused)
-    ARGV[5]  emission interval     microseconds per request; "0" disables rate limiting
-    ARGV[6]  burst                 requests allowed at once
-    ARGV[7]  max |delta|
-    ARGV[8]  top N
-    ARGV[9]  idempotency TTL       seconds
-    ARGV[10] allow negative delta  "1" for operator adjustments, "0" for players
-    ARGV[11] top stream MAXLEN     approximate cap; the top stream is a broadcast, not a log
-    ARGV[12] flush flag TTL        seconds; a lost flush request is retried after this
+    ARGV[5]  settings              eight numbers, one space between each, in this order:
+             emission interval     microseconds per request; "0" disables rate limiting
+             burst                 requests allowed at once
+             max |delta|
+             top N
+             idempotency TTL       seconds
+             allow negative delta  "1" for operator adjustments, "0" for players
+             top stream MAXLEN     approximate cap; the top stream is a broadcast, not a log
+             flush flag TTL        seconds; a lost flush request is retried after this
     Numbers are decimal integers, settings from 0 or 1 up to 2^53-1; anything else is
-    misuse.
+    misuse. The settings are one argument: they are the same on every call of a process,
+    and as a Function (below) they are parsed once per distinct string, not per call.
+
+  Two ways to run it, the same code (service.scripts): by EVAL/EVALSHA, the whole file per
+  call; or (Redis 7) as a Function, the part above the line `-- per call --` run once when
+  the library is loaded (its helpers, and the settings it has parsed, kept from call to
+  call) and the part below it as the function's body, KEYS and ARGV its arguments. The part
+  above may not touch a global when it runs: a library being loaded has none (not even
+  `string`).
 
   Output: {status, total, rank, retry_after_us, remaining, reset_after_us, flush, top_version}
     status  0 OK, 1 REPLAY, 2 RATE_LIMITED, 3 UNKNOWN_USER, 4 OUT_OF_RANGE,
@@ -63,9 +72,6 @@
 
   Events: XADD events (every accepted increment); XADD top (when the top-N changed).
 ]]
-local rcall = redis.call
-local unpack = unpack or table.unpack -- Lua 5.1 (Redis, fakeredis); 5.2+ moved it
-
 local MAX_SCORE = 9007199254740991 -- 2^53 - 1: the largest integer a double holds exactly
 
 -- A decimal integer, or nil: tonumber alone would also take "1e3", "0x10", " 7" and "nan".
@@ -86,8 +92,37 @@ local function flag_arg(s)
   return nil
 end
 
+local function int(n)
+  return string.format("%d", n)
+end
+
+-- Settings strings already parsed, and what they hold (as a Function: kept between calls).
+local parsed = {}
+local parsed_count = 0
+
+-- The eight settings of ARGV[5], or nil when any is malformed.
+local function settings_of(s)
+  local known = parsed[s]
+  if known ~= nil then return known end
+  local a, b, c, d, e, f, g, h =
+    string.match(s, "^(%d+) (%d+) (%d+) (%d+) (%d+) ([01]) (%d+) (%d+)$")
+  if a == nil then return nil end
+  local settings = {setting(a, 0), setting(b, 1), setting(c, 1), setting(d, 1), setting(e, 1),
+    flag_arg(f), setting(g, 1), setting(h, 1)}
+  for i = 1, 8 do
+    if settings[i] == nil then return nil end
+  end
+  if parsed_count >= 64 then parsed, parsed_count = {}, 0 end -- bounded: a process has two
+  parsed[s], parsed_count = settings, parsed_count + 1
+  return settings
+end
+
+-- per call --
+local rcall = redis.call
+local unpack = unpack or table.unpack -- Lua 5.1 (Redis, fakeredis); 5.2+ moved it
+
 if #KEYS ~= 7 then return redis.error_reply("ERR submit_score: takes 7 keys") end
-if #ARGV ~= 12 then return redis.error_reply("ERR submit_score: takes 12 arguments") end
+if #ARGV ~= 5 then return redis.error_reply("ERR submit_score: takes 5 arguments") end
 
 local leaderboard_key = KEYS[1]
 local rate_key = KEYS[2]
@@ -102,34 +137,18 @@ local delta = int_arg(ARGV[2])
 local event_id = ARGV[3]
 local request_key = ARGV[4]
 local use_idempotency = request_key ~= ""
-local interval = setting(ARGV[5], 0)
-local burst = setting(ARGV[6], 1)
-local max_delta = setting(ARGV[7], 1)
-local top_n = setting(ARGV[8], 1)
-local idempotency_ttl = setting(ARGV[9], 1)
-local allow_negative = flag_arg(ARGV[10])
-local top_maxlen = setting(ARGV[11], 1)
-local flush_ttl = setting(ARGV[12], 1)
+local settings = settings_of(ARGV[5])
+if settings == nil then return redis.error_reply("ERR submit_score: bad settings") end
+local interval, burst, max_delta, top_n, idempotency_ttl, allow_negative, top_maxlen, flush_ttl =
+  unpack(settings)
 
 local OK, REPLAY, RATE_LIMITED, UNKNOWN_USER, OUT_OF_RANGE, IDEMPOTENCY_MISMATCH = 0, 1, 2, 3, 4, 5
 local NOT_READY = 6
-
-local function int(n)
-  return string.format("%d", n)
-end
 
 -- Misuse by the caller is an error reply, never a silent partial write.
 if user_id == "" then return redis.error_reply("ERR submit_score: empty user_id") end
 if delta == nil or delta == 0 then return redis.error_reply("ERR submit_score: bad delta") end
 if event_id == "" then return redis.error_reply("ERR submit_score: empty event id") end
-if interval == nil then return redis.error_reply("ERR submit_score: bad interval") end
-if burst == nil then return redis.error_reply("ERR submit_score: bad burst") end
-if max_delta == nil then return redis.error_reply("ERR submit_score: bad max") end
-if top_n == nil then return redis.error_reply("ERR submit_score: bad top N") end
-if idempotency_ttl == nil then return redis.error_reply("ERR submit_score: bad TTL") end
-if allow_negative == nil then return redis.error_reply("ERR submit_score: bad negative flag") end
-if top_maxlen == nil then return redis.error_reply("ERR submit_score: bad MAXLEN") end
-if flush_ttl == nil then return redis.error_reply("ERR submit_score: bad flush TTL") end
 -- max_delta <= 2^53-1, so this also refuses any delta a double cannot hold exactly
 if delta < 0 and not allow_negative then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end
 if math.abs(delta) > max_delta then return {OUT_OF_RANGE, 0, 0, 0, 0, 0, 0, ""} end

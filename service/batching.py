@@ -333,9 +333,10 @@ class ClusterAutoPipeline:
         self._refreshing = asyncio.Lock()
 
     async def execute(self, *args: str | bytes | int | float) -> Any:
-        """Run one EVAL or EVALSHA with at least one key (its first key, args[3], routes it)."""
-        if args[0] not in ("EVAL", "EVALSHA") or not int(args[2]):
-            raise ValueError("ClusterAutoPipeline runs EVAL/EVALSHA calls with keys only")
+        """Run one EVAL, EVALSHA or FCALL with at least one key (its first key, args[3],
+        routes it)."""
+        if args[0] not in ("EVAL", "EVALSHA", "FCALL") or not int(args[2]):
+            raise ValueError("ClusterAutoPipeline runs EVAL/EVALSHA/FCALL calls with keys only")
         slot = key_slot(str(args[3]).encode())
         asking_at: str | None = None
         nodes = self._client.nodes_manager

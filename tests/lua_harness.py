@@ -1,15 +1,19 @@
 """Drive lua/submit_score-7.lua on fakeredis or on the suite's real Redis, the same way.
 
 The contract tests and the Hypothesis model both use this: one backend fixture per kind
-(`fake`: fakeredis with Lua via lupa; `real`: the session redis-server, FLUSHDB first), and a
-Harness that calls the script through `service.scripts` exactly as the service does.
+(`fake`: fakeredis with Lua via lupa; `real`: the session redis-server, FLUSHDB first, the
+script by EVALSHA; `hot`: the same server, submit_score sent by the service's own hot path,
+`service.scripts.Scripts` over the auto-pipeline: a Redis Function by FCALL on Redis 7,
+EVALSHA on 6.2), and a Harness that calls the script through `service.scripts`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Collection, Iterator
+from typing import Any
 
 import fakeredis
 import pytest
@@ -17,10 +21,10 @@ import redis
 import redis.asyncio as aioredis
 
 from service.keys import KeySchema, PartitionKeys
-from service.scripts import Call, SubmitResult, SyncScripts, prepare_submit, publish_top
+from service.scripts import Call, Scripts, SubmitResult, SyncScripts, prepare_submit, publish_top
 from service.settings import Settings
 
-BACKENDS = ["fake", "real"]
+BACKENDS = ["fake", "real", "hot"]
 
 HOUR_US = 3_600_000_000
 """A GCRA emission interval so slow that no request is refilled while a test runs: the
@@ -39,12 +43,60 @@ def open_backend(kind: str, request: pytest.FixtureRequest) -> Iterator[redis.Re
         client: redis.Redis = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     else:
         servers = request.getfixturevalue("servers")
-        client = redis.Redis.from_url(servers.redis.url)
+        kind_of_client = HotPathRedis if kind == "hot" else redis.Redis
+        client = kind_of_client.from_url(servers.redis.url)
         client.flushdb()
+        client.script_flush()  # each test's first call loads what it uses again
+        if has_functions(client):
+            client.function_flush()
     try:
         yield client
     finally:
+        if isinstance(client, HotPathRedis):
+            client.close_hot_path()
         client.close()
+
+
+def has_functions(client: redis.Redis) -> bool:
+    """Whether the server has Redis Functions (7.0 on): fakeredis and Redis 6.2 have not."""
+    if isinstance(client, fakeredis.FakeRedis):
+        return False
+    return int(str(client.info("server")["redis_version"]).split(".")[0]) >= 7
+
+
+class HotPathRedis(redis.Redis):
+    """A client whose Harness sends submit_score the way the service does (`hot`)."""
+
+    _hot: _HotPath | None = None
+
+    def hot_path(self) -> _HotPath:
+        if self._hot is None:
+            self._hot = _HotPath(self)
+        return self._hot
+
+    def close_hot_path(self) -> None:
+        if self._hot is not None:
+            self._hot.close()
+            self._hot = None
+
+
+class _HotPath:
+    """The service's `Scripts` on an event loop of its own: `run` like SyncScripts'."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._sync = SyncScripts(client)
+        self._loop = asyncio.new_event_loop()
+        self._client = async_twin(client)
+        self.scripts = Scripts(self._client)
+
+    def run(self, call: Call[Any]) -> Any:
+        if call.script != "submit_score":
+            return self._sync.run(call)
+        return self._loop.run_until_complete(self.scripts.submit(call))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
 
 
 def async_twin(client: redis.Redis) -> aioredis.Redis:
@@ -66,7 +118,9 @@ class Harness:
         self.settings = settings
         self.schema = KeySchema(1)
         self.keys: PartitionKeys = self.schema.all()[0]
-        self.scripts = SyncScripts(client)
+        self.scripts: SyncScripts | _HotPath = (
+            client.hot_path() if isinstance(client, HotPathRedis) else SyncScripts(client)
+        )
         client.set(self.keys.ready, "1")  # as after a deployment's first rebuild
 
     def with_settings(self, **changes: int) -> Harness:

@@ -269,7 +269,7 @@ class LeaderboardMachine(RuleBasedStateMachine):
                 assert int(tat or 0) == self.first_tat[user] + (spent - 1) * HOUR_US
 
 
-RUNS = {"fake": (150, 30), "real": (40, 30)}  # (examples, steps per example)
+RUNS = {"fake": (150, 30), "real": (40, 30), "hot": (40, 30)}  # (examples, steps per example)
 
 
 @pytest.mark.timeout(600)  # a failure is shrunk, step by step, before it is reported

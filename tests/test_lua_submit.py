@@ -18,9 +18,17 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from lua_harness import BACKENDS, HOUR_US, Harness, async_twin, open_backend
+from lua_harness import (
+    BACKENDS,
+    HOUR_US,
+    Harness,
+    HotPathRedis,
+    async_twin,
+    has_functions,
+    open_backend,
+)
 
-from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, load, publish_top
+from service.scripts import FLUSH_FLAG_TTL_S, Scripts, Status, load, publish_top, submit_settings
 from service.settings import MAX_SCORE
 
 
@@ -415,6 +423,16 @@ def test_wrong_key_count_is_refused_in_python_and_in_lua(h: Harness) -> None:
     h.assert_unchanged(before)
 
 
+GOOD_SETTINGS = submit_settings(1, 1, 1, 1, 1, False, 1, 1)
+
+
+def _with_setting(index: int, value: str) -> str:
+    """submit_score's settings argument with its `index`th field replaced by `value`."""
+    fields = GOOD_SETTINGS.split(" ")
+    fields[index] = value
+    return " ".join(fields)
+
+
 BAD_ARGS = [
     (0, ""),  # user_id
     (1, "0"),  # delta
@@ -427,16 +445,21 @@ BAD_ARGS = [
     (1, "nan"),
     (1, ""),
     (2, ""),  # event id
-    (4, "-1"),  # interval
-    (4, str(2**53)),
-    (5, "0"),  # burst
-    (6, "0"),  # max |delta|
-    (7, "0"),  # top N
-    (7, "2.5"),
-    (8, "0"),  # idempotency TTL
-    (9, "2"),  # negative flag
-    (10, "0"),  # top MAXLEN
-    (11, "-5"),  # flush TTL
+    (4, _with_setting(0, "-1")),  # interval
+    (4, _with_setting(0, str(2**53))),
+    (4, _with_setting(1, "0")),  # burst
+    (4, _with_setting(2, "0")),  # max |delta|
+    (4, _with_setting(3, "0")),  # top N
+    (4, _with_setting(3, "2.5")),
+    (4, _with_setting(4, "0")),  # idempotency TTL
+    (4, _with_setting(5, "2")),  # negative flag
+    (4, _with_setting(6, "0")),  # top MAXLEN
+    (4, _with_setting(7, "-5")),  # flush TTL
+    (4, _with_setting(7, "10 1")),  # nine settings
+    (4, _with_setting(7, "")),  # seven, and a trailing space
+    (4, " " + _with_setting(0, "0")),
+    (4, _with_setting(0, "0").replace(" ", "  ", 1)),
+    (4, ""),
 ]
 
 
@@ -461,8 +484,8 @@ def test_wrong_argument_count_is_an_error_reply(h: Harness) -> None:
     h.provision(a)
     call = h.prepare(a, 1)
     before = h.snapshot()
-    for args in (call.args[:11], [*call.args, "extra"], []):
-        with pytest.raises(redis.ResponseError, match="submit_score: takes 12 arguments"):
+    for args in (call.args[:4], [*call.args, "extra"], []):
+        with pytest.raises(redis.ResponseError, match="submit_score: takes 5 arguments"):
             h.scripts.run(dataclasses.replace(call, args=args))
     h.assert_unchanged(before)
 
@@ -470,17 +493,38 @@ def test_wrong_argument_count_is_an_error_reply(h: Harness) -> None:
 # --- script cache --------------------------------------------------------------------------
 
 
-def test_script_is_reloaded_after_script_flush(h: Harness) -> None:
+def _forget_scripts(client: redis.Redis) -> None:
+    """What a Redis restarted without its data knows of our scripts: nothing."""
+    client.script_flush()
+    if has_functions(client):
+        client.function_flush()
+
+
+def _loaded(client: redis.Redis) -> set[str]:
+    """How submit_score is loaded into Redis: as a script (EVALSHA), as a Function (FCALL)."""
+    src = load("submit_score")
+    forms = set()
+    if client.script_exists(hashlib.sha1(src.body.encode()).hexdigest()) == [True]:
+        forms.add("script")
+    if has_functions(client):
+        name, _ = src.function()
+        if client.function_list(library=name):
+            forms.add("function")
+    return forms
+
+
+def test_script_is_reloaded_after_redis_forgets_it(h: Harness) -> None:
     (a,) = ids("a")
     h.provision(a)
-    sha = hashlib.sha1(load("submit_score").body.encode()).hexdigest()
     assert h.submit(a, 1).total == 1
-    assert h.client.script_exists(sha) == [True]
+    forms = _loaded(h.client)
+    hot = isinstance(h.client, HotPathRedis) and has_functions(h.client)
+    assert forms == ({"function"} if hot else {"script"})  # hot: FCALL, where Redis has it
 
-    h.client.script_flush()
-    assert h.client.script_exists(sha) == [False]
-    assert h.submit(a, 2).total == 3  # NOSCRIPT, reload, run once
-    assert h.client.script_exists(sha) == [True]
+    _forget_scripts(h.client)
+    assert _loaded(h.client) == set()
+    assert h.submit(a, 2).total == 3  # NOSCRIPT or no such function, reload, run once
+    assert _loaded(h.client) == forms
     assert [fields["d"] for _, fields in h.events()] == ["1", "2"]
 
 
@@ -491,7 +535,7 @@ async def test_async_scripts_reload_after_script_flush(h: Harness) -> None:
     try:
         scripts = Scripts(client)
         assert (await scripts.submit(h.prepare(a, 4))).total == 4
-        await client.script_flush()
+        _forget_scripts(h.client)
         assert (await scripts.submit(h.prepare(a, 5))).total == 9
         assert await scripts.run(publish_top(h.keys, 1)) == h.top_entries()[-1][0]
     finally:
