@@ -3,7 +3,8 @@
 One statement per batch: insert the events into the ledger (`score_events`, event id unique;
 with the Idempotency-Key and the resulting total of a keyed increment) with ON CONFLICT DO
 NOTHING, and add to `users.score` only the deltas of the rows actually inserted. Applying a
-batch twice, or batches out of order, changes nothing more.
+batch twice, or batches out of order, changes nothing more. An event of a user Postgres does
+not have is refused, and the others of its batch committed without it.
 
 A keyed event whose key the ledger already holds for that user, from less than the key's
 lifetime (SCORE_IDEMPOTENCY_TTL) earlier, is the same increment sent again: a failover lost the
@@ -30,8 +31,16 @@ CONNECT_TIMEOUT_S = 3
 
 TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError)
 """Postgres down, hung, restarting, or a deadlock: retry the batch later."""
-REFUSED = (psycopg.IntegrityError, psycopg.DataError)
-"""Postgres refuses an event itself (unknown user, a score out of range): isolate it."""
+
+
+class UnknownUser(Exception):
+    """An event of a user that Postgres's users table does not have. (The ledger has no
+    foreign key, see schema.py: the statement counts the users it could update instead.)"""
+
+
+REFUSED = (psycopg.IntegrityError, psycopg.DataError, UnknownUser)
+"""Postgres refuses an event itself (a score out of range), or its user is unknown: isolate
+it."""
 
 APPLY = """
 WITH batch AS (
@@ -58,13 +67,15 @@ WITH batch AS (
     FROM totals AS t WHERE u.user_id = t.user_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted)
+SELECT (SELECT count(*) FROM inserted),
+       (SELECT count(*) FROM totals) - (SELECT count(*) FROM updated)  -- users not in users
 """
 """The parameters are the batch's columns, in the order of Event's fields. They are sent in
 binary (%b): psycopg writes a text-format array in Python, character by character, which cost
 more than the statement itself; the ids are cast to uuid by Postgres. Rows go in user order:
-the foreign key checks, the ledger's user index and the updates then walk the indexes in order
-(measured: ~10% faster), and two transactions lock users in the same order."""
+the updates then walk the users' index in order, and two transactions lock users in the same
+order. The second column counts the batch's users that users does not have (the ledger has no
+foreign key: schema.py): more than none, and `_apply` raises UnknownUser."""
 
 Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -72,7 +83,13 @@ Conn = psycopg.Connection[tuple[object, ...]]
 def _apply(conn: Conn, events: Sequence[Event], key_ttl_ms: int) -> int:
     columns: list[object] = [list(column) for column in zip(*events, strict=True)]
     row = conn.execute(APPLY, [*columns, key_ttl_ms]).fetchone()
-    return int(row[0]) if row else 0  # type: ignore[call-overload]
+    assert row is not None
+    inserted: int = int(row[0])  # type: ignore[call-overload]
+    unknown: int = int(row[1])  # type: ignore[call-overload]
+    if unknown:  # raised inside the caller's transaction: the batch's inserts roll back
+        who = f"user {events[0].user_id!r} is" if len(events) == 1 else f"{unknown} users are"
+        raise UnknownUser(f"{who} not in Postgres's users table")
+    return inserted
 
 
 class Store:
