@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.connections import refuse_evicting_redis
+    from service.http_protocol import HttpProtocol
     from service.supervisor import Supervisor
 
     settings = Settings.from_env()  # fail fast, in the parent, with one clear line
@@ -69,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=args.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            http=HttpProtocol,  # httptools, a response in one write (service/http_protocol.py)
             # websockets-sansio: protocol pings with a pong deadline, a message size limit, and a
             # transport the live leaderboard can reach to write its pre-framed frames to
             # (service/live/subscribers.py). No permessage-deflate: a zlib context per connection

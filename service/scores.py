@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import lru_cache
 
 import msgspec
 from prometheus_client import Counter, Histogram
@@ -57,16 +58,20 @@ MAX_BODY_BYTES = 4096
 
 def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
     """IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) and Retry-After."""
-    s = ctx.settings
-    window = max(1, math.ceil(s.rate_interval_us * s.rate_burst / 1_000_000))
     reset = max(0, math.ceil(result.reset_after_us / 1_000_000))
     headers = {
-        "RateLimit-Policy": f'"burst";q={s.rate_burst};w={window}',
+        "RateLimit-Policy": _policy(ctx.settings.rate_interval_us, ctx.settings.rate_burst),
         "RateLimit": f'"burst";r={result.remaining};t={reset}',
     }
     if result.status is Status.RATE_LIMITED:
         headers["Retry-After"] = str(max(1, math.ceil(result.retry_after_us / 1_000_000)))
     return headers
+
+
+@lru_cache(maxsize=16)  # the same for every request of a process
+def _policy(interval_us: int, burst: int) -> str:
+    window = max(1, math.ceil(interval_us * burst / 1_000_000))
+    return f'"burst";q={burst};w={window}'
 
 
 class ScoreEndpoint:
