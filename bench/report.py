@@ -59,9 +59,23 @@ def checks(r: dict[str, Any]) -> list[Check]:
     s10k, s1m = scale.get("10k@64"), scale.get("1M@64")
     correct = _get(r, "correctness") or {}
     checks_ok = [v.get("ok") for v in correct.values() if isinstance(v, dict) and "ok" in v]
+    ours = _get(r, "write_path", "cpu", "ours", "cpu_us_per_request") or {}
+    bare = _get(r, "write_path", "cpu", "bare", "cpu_us_per_request") or {}
+    workers = ours.get("service workers"), bare.get("bare workers")
     return [
         _check("write path / bare Starlette (best runs)",
                _get(r, "write_path", "ratios", "ours/bare"), ">= 0.5x", lambda v: v >= 0.5, "x"),
+        _check("service workers' CPU per request / bare workers'",
+               workers[0] / workers[1] if all(workers) else None, "<= 1.5x",  # type: ignore[operator]
+               lambda v: v <= 1.5, "x"),
+        _check("Redis CPU per update (write path, 64 connections)", ours.get("redis"), "<= 20 us",
+               lambda v: v <= 20, " us"),
+        _check("persister + Postgres CPU per update (the same run)",
+               ours["persister"] + ours["postgres"] if "postgres" in ours else None, "<= 20 us",
+               lambda v: v <= 20, " us"),
+        _check("one primary's ceiling (redis-benchmark, submit, pipeline 16)",
+               _get(r, "redis_ceiling", "pipeline_16", "rps"), ">= 50,000/s",
+               lambda v: v >= 50_000, "/s"),
         _check("write path / naive Postgres-only (best runs)",
                _get(r, "write_path", "ratios", "ours/naive"), ">= 5x", lambda v: v >= 5, "x"),
         _check("p99 at half the max rate (paced)", half["p99_ms"] if half else None, "< 5 ms",
