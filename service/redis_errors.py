@@ -86,9 +86,8 @@ def unavailable(
         return _unavailable("the score store is loading its data; retry shortly")
     if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
         return _unavailable(f"the score store is unavailable ({type(exc).__name__}); retry shortly")
-    if isinstance(
-        exc, redis.exceptions.RedisClusterException
-    ):  # no RedisError: a slot no node covers
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        # not a RedisError: a slot that no node covers
         return _unavailable(f"the score store {_WHY['CLUSTERDOWN']}; retry shortly")
     why = _WHY.get(_code(exc))
     if why is None:
