@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 
 from bench.stack import user_id
-from service.dev.servers import RedisServer
+from service.dev.servers import RedisServer, redis_version
 from service.keys import KeySchema
 from service.scripts import load, prepare_submit
 from service.settings import Settings
@@ -37,7 +37,7 @@ def submit_command(how: str, target: str, settings: Settings) -> list[str]:
 
 def load_submit(client: redis.Redis) -> tuple[str, str]:
     """Load submit_score the way the service runs it on this Redis: (command, target)."""
-    if int(str(client.info("server")["redis_version"]).split(".")[0]) >= 7:
+    if redis_version() >= (7,):  # the server RedisServer started: redis_binary()'s
         name, library = load("submit_score").function()
         client.function_load(library, replace=True)
         return "FCALL", name

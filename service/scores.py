@@ -13,13 +13,12 @@ from functools import lru_cache
 
 import msgspec
 from prometheus_client import Counter, Histogram
-from redis.exceptions import RedisClusterException, RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.context import Context
 from service.errors import ApiError, problem
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import not_ready, refuse_until_ready, unavailable
+from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
 from service.requests import (
     Head,
     authenticate,
@@ -75,9 +74,10 @@ def _policy(interval_us: int, burst: int) -> str:
 
 
 class ScoreEndpoint:
-    """The route's ASGI app, called by HotPath, without the Request and Response objects a
+    """The route's ASGI app (HotPath calls it), without the Request and Response objects a
     function endpoint gets: the hot path reads the four headers it needs in one pass and
-    sends one prepared header list. Raises ApiError for a refusal (HotPath renders it)."""
+    sends one prepared header list. A refusal is counted and answered here, as the app's
+    ApiError handler would answer it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -87,7 +87,8 @@ class ScoreEndpoint:
             status = str(exc.status)
             RESPONSES.labels(status).inc()
             LATENCY.labels(status).observe(time.perf_counter() - started)
-            raise
+            await problem(exc.status, exc.detail, exc.headers)(scope, receive, send)
+            return
         raw = [*_JSON_HEAD, (b"content-length", b"%d" % len(body))]
         raw += [
             (name.lower().encode("latin-1"), value.encode("latin-1"))
@@ -106,23 +107,19 @@ PATH = "/api/v1/score"
 class HotPath:
     """The innermost middleware: POST /api/v1/score goes straight to ScoreEndpoint, past
     Starlette's exception middleware and router (a tenth of a worker's time per update, in
-    `python -m bench.profile`); its ApiError is rendered here, as the app's handler would.
-    Everything else, and every other method on the path (405), takes the router. The
-    middleware above (request id, CORS, draining, the concurrency limit, the 500 handler)
-    sees both alike."""
+    `python -m bench.profile`). Everything else, and every other method on the path (405),
+    takes the router. The middleware above (request id, CORS, draining, the concurrency
+    limit, the 500 handler) sees both alike."""
 
     def __init__(self, app: ASGIApp, endpoint: ScoreEndpoint) -> None:
         self.app = app
         self.endpoint = endpoint
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        try:
+        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
             await self.endpoint(scope, receive, send)
-        except ApiError as exc:
-            await problem(exc.status, exc.detail, exc.headers)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[dict[str, str], bytes]:
@@ -148,12 +145,10 @@ async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[dict[
         idempotency_key=key,
     )
     refuse_until_ready(ctx)
-    sent = time.perf_counter()
-    try:
+    async with redis_unavailable():
+        sent = time.perf_counter()
         result = await ctx.scripts.submit(call)
-    except (RedisError, RedisClusterException) as exc:  # redis_unavailable(), inlined
-        raise unavailable(exc) from None
-    REDIS_LATENCY.observe(time.perf_counter() - sent)
+        REDIS_LATENCY.observe(time.perf_counter() - sent)
     status = result.status
     if status is Status.NOT_READY:
         raise not_ready()
