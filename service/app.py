@@ -19,11 +19,12 @@ from service.admin import post_scores, post_users
 from service.asyncapi import ASYNCAPI_PATH, asyncapi
 from service.auth import Authenticator
 from service.batching import Replication
-from service.concurrency import ConcurrencyLimit
+from service.concurrency import ConcurrencyLimit, Slots
 from service.connections import async_redis, refuse_evicting_redis
 from service.context import Context, FlushRequester
 from service.cors import cors_middleware
 from service.errors import ApiError, api_error_handler, http_exception_handler, server_error_handler
+from service.front import ScoreApp
 from service.health import healthz, metrics, process_exits, readyz
 from service.keys import KeySchema
 from service.layout import Layout, LayoutMismatch, decode, encode, layout_of
@@ -36,7 +37,7 @@ from service.page import page_routes
 from service.reads import get_leaderboard, get_user
 from service.request_id import RequestId
 from service.scores import PATH as SCORE_PATH
-from service.scores import HotPath, ScoreEndpoint
+from service.scores import ScoreEndpoint
 from service.scripts import Scripts
 from service.settings import Settings
 from service.tasks import cancel_and_wait
@@ -113,7 +114,8 @@ def create_app(
 
     score = ScoreEndpoint()
     routes = [
-        Route(SCORE_PATH, score, methods=["POST"]),  # its POST goes through HotPath
+        # most of its POSTs are taken before the middleware (ScoreApp): the others come here
+        Route(SCORE_PATH, score, methods=["POST"]),
         Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
         Route("/api/v1/users/{user_id:path}", get_user, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -126,15 +128,20 @@ def create_app(
         *live_routes(live),
         *page_routes(settings),
     ]
-    return Starlette(
+    slots = Slots(settings.max_concurrency)
+    cors = cors_middleware(settings)
+    return ScoreApp(
+        score=score,
+        slots=slots,
+        cors=bool(cors),
+        access_log=settings.access_log,
         routes=routes,
         lifespan=lifespan,
         middleware=[
             Middleware(RequestId, access_log=settings.access_log),
-            *cors_middleware(settings),  # refusals below carry the CORS headers too
+            *cors,  # refusals below carry the CORS headers too
             Middleware(CloseWhileDraining),
-            Middleware(ConcurrencyLimit, limit=settings.max_concurrency),
-            Middleware(HotPath, endpoint=score),
+            Middleware(ConcurrencyLimit, slots=slots),
         ],
         exception_handlers={
             ApiError: api_error_handler,

@@ -12,6 +12,7 @@ included: it would refuse viewers below the live limit.)
 from __future__ import annotations
 
 from prometheus_client import Counter
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.errors import problem
@@ -29,30 +30,42 @@ UNCOUNTED = frozenset(
 )
 
 
-class ConcurrencyLimit:
-    """ASGI middleware: at most `limit` HTTP requests in this process at once."""
+class Slots:
+    """The HTTP requests this process handles now, and how many it may: shared by the
+    ConcurrencyLimit middleware and the hot path's own lane (service.front)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+
+    def refusal(self) -> Response:
+        """The 503 for a request beyond the limit (counted)."""
+        SHED.inc()
+        return problem(
+            503,
+            f"this server handles {self.limit} requests at once (SCORE_MAX_CONCURRENCY); "
+            "retry shortly",
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+
+class ConcurrencyLimit:
+    """ASGI middleware: at most `slots.limit` HTTP requests in this process at once."""
+
+    def __init__(self, app: ASGIApp, slots: Slots) -> None:
+        self.app = app
+        self.slots = slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in UNCOUNTED:
             await self.app(scope, receive, send)  # `receive` as it is: see subscribers.wire_of
             return
-        if self.active >= self.limit:
-            SHED.inc()
-            refused = problem(
-                503,
-                f"this server handles {self.limit} requests at once (SCORE_MAX_CONCURRENCY); "
-                "retry shortly",
-                {"Retry-After": str(RETRY_AFTER_S)},
-            )
-            await refused(scope, receive, send)
+        slots = self.slots
+        if slots.active >= slots.limit:
+            await slots.refusal()(scope, receive, send)
             return
-        self.active += 1
+        slots.active += 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.active -= 1
+            slots.active -= 1

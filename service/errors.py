@@ -46,5 +46,8 @@ async def http_exception_handler(request: Request, exc: Exception) -> Response:
     return problem(exc.status_code, detail, exc.headers)
 
 
+SERVER_ERROR = "the server failed to handle this request; it has been logged"
+
+
 async def server_error_handler(request: Request, exc: Exception) -> Response:
-    return problem(500, "the server failed to handle this request; it has been logged")
+    return problem(500, SERVER_ERROR)

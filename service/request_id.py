@@ -37,11 +37,24 @@ def new_id() -> str:
     return f"{_PREFIX}{next(_numbers):012x}"
 
 
-def _incoming(scope: Scope) -> str | None:
+def request_id_of(scope: Scope) -> str:
+    """The request's id: its sane `X-Request-ID`, else a new one."""
     for name, value in scope["headers"]:
         if name == HEADER:
-            return value.decode("ascii") if _SANE.fullmatch(value) else None
-    return None
+            return value.decode("ascii") if _SANE.fullmatch(value) else new_id()
+    return new_id()
+
+
+def log_access(scope: Scope, status: int, started: float) -> None:
+    """The access log's line for a request answered `status`, begun at `started`
+    (time.perf_counter)."""
+    duration_ms = (time.perf_counter() - started) * 1000
+    access.info(
+        '"%s %s" %d %.1fms',
+        scope["method"], scope["path"], status, duration_ms,
+        extra={"method": scope["method"], "path": scope["path"], "status": status,
+               "duration_ms": round(duration_ms, 3)},
+    )  # fmt: skip
 
 
 class RequestId:
@@ -55,7 +68,7 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming(scope) or new_id()
+        request_id = request_id_of(scope)
         header = (HEADER, request_id.encode("ascii"))
         status = 0
 
@@ -72,11 +85,5 @@ class RequestId:
             await self.app(scope, receive, send_with_id)
         finally:
             if self.access_log:
-                duration_ms = (time.perf_counter() - started) * 1000
-                access.info(
-                    '"%s %s" %d %.1fms',
-                    scope["method"], scope["path"], status, duration_ms,
-                    extra={"method": scope["method"], "path": scope["path"], "status": status,
-                           "duration_ms": round(duration_ms, 3)},
-                )  # fmt: skip
+                log_access(scope, status, started)
             REQUEST_ID.reset(token)

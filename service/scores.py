@@ -7,16 +7,17 @@ user existence (404) and range (400). Nothing is written unless every check pass
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import lru_cache
 
 import msgspec
 from prometheus_client import Counter, Histogram
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from service.context import Context
-from service.errors import ApiError, problem
+from service.errors import SERVER_ERROR, ApiError, problem
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
 from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
 from service.requests import (
@@ -53,76 +54,79 @@ REDIS_LATENCY = HistogramTally(
 )
 
 MAX_BODY_BYTES = 4096
+log = logging.getLogger(__name__)
 
 
-def rate_headers(ctx: Context, result: SubmitResult) -> dict[str, str]:
-    """IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) and Retry-After."""
+RawHeaders = list[tuple[bytes, bytes]]
+
+
+def rate_headers(ctx: Context, result: SubmitResult) -> RawHeaders:
+    """IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers) and Retry-After, as the
+    ASGI response's raw headers: the hot path sends them as they are."""
     reset = max(0, math.ceil(result.reset_after_us / 1_000_000))
-    headers = {
-        "RateLimit-Policy": _policy(ctx.settings.rate_interval_us, ctx.settings.rate_burst),
-        "RateLimit": f'"burst";r={result.remaining};t={reset}',
-    }
+    headers = [
+        (b"ratelimit-policy", _policy(ctx.settings.rate_interval_us, ctx.settings.rate_burst)),
+        (b"ratelimit", b'"burst";r=%d;t=%d' % (result.remaining, reset)),
+    ]
     if result.status is Status.RATE_LIMITED:
-        headers["Retry-After"] = str(max(1, math.ceil(result.retry_after_us / 1_000_000)))
+        retry_s = max(1, math.ceil(result.retry_after_us / 1_000_000))
+        headers.append((b"retry-after", b"%d" % retry_s))
     return headers
 
 
 @lru_cache(maxsize=16)  # the same for every request of a process
-def _policy(interval_us: int, burst: int) -> str:
+def _policy(interval_us: int, burst: int) -> bytes:
     window = max(1, math.ceil(interval_us * burst / 1_000_000))
-    return f'"burst";q={burst};w={window}'
+    return b'"burst";q=%d;w=%d' % (burst, window)
+
+
+def _refusal(status: int, detail: str, headers: RawHeaders) -> ApiError:
+    return ApiError(status, detail, {k.decode("latin-1"): v.decode("latin-1") for k, v in headers})
 
 
 class ScoreEndpoint:
-    """The route's ASGI app (HotPath calls it), without the Request and Response objects a
-    function endpoint gets: the hot path reads the four headers it needs in one pass and
-    sends one prepared header list. A refusal is counted and answered here, as the app's
-    ApiError handler would answer it."""
+    """The route's ASGI app, without the Request and Response objects a function endpoint
+    gets: the hot path reads the four headers it needs in one pass and sends one prepared
+    header list. It answers every request itself: a refusal as the app's ApiError handler
+    would, a bug as a logged 500. Most requests come straight from ScoreApp
+    (service.front), which passes the headers the middleware would have added; one that
+    CORS must answer comes through the middleware and the router, with none."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.serve(scope, receive, send, [])
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
+    ) -> int:
+        """Answer the request, `extra` headers added to the response: its status."""
         started = time.perf_counter()
         try:
             headers, body = await _post_score(scope["app"].state.ctx, Head.of(scope), receive)
         except ApiError as exc:
-            status = str(exc.status)
-            RESPONSES.labels(status).inc()
-            LATENCY.labels(status).observe(time.perf_counter() - started)
-            await problem(exc.status, exc.detail, exc.headers)(scope, receive, send)
-            return
-        raw = [*_JSON_HEAD, (b"content-length", b"%d" % len(body))]
-        raw += [
-            (name.lower().encode("latin-1"), value.encode("latin-1"))
-            for name, value in headers.items()
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
-        ACCEPTED.inc()
-        ACCEPTED_LATENCY.observe(time.perf_counter() - started)
+            status, detail, more = exc.status, exc.detail, exc.headers
+        except Exception:
+            log.exception("POST %s failed", PATH)
+            status, detail, more = 500, SERVER_ERROR, {}
+        else:
+            raw = [*_JSON_HEAD, (b"content-length", b"%d" % len(body)), *extra, *headers]
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await send({"type": "http.response.body", "body": body})
+            ACCEPTED.inc()
+            ACCEPTED_LATENCY.observe(time.perf_counter() - started)
+            return 200
+        RESPONSES.labels(str(status)).inc()
+        LATENCY.labels(str(status)).observe(time.perf_counter() - started)
+        refusal = problem(status, detail, more)
+        refusal.raw_headers += [h for h in extra if h not in refusal.raw_headers]
+        await refusal(scope, receive, send)
+        return status
 
 
 _JSON_HEAD = [(b"content-type", b"application/json")]
 PATH = "/api/v1/score"
 
 
-class HotPath:
-    """The innermost middleware: POST /api/v1/score goes straight to ScoreEndpoint, past
-    Starlette's exception middleware and router (a tenth of a worker's time per update, in
-    `python -m bench.profile`). Everything else, and every other method on the path (405),
-    takes the router. The middleware above (request id, CORS, draining, the concurrency
-    limit, the 500 handler) sees both alike."""
-
-    def __init__(self, app: ASGIApp, endpoint: ScoreEndpoint) -> None:
-        self.app = app
-        self.endpoint = endpoint
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST":
-            await self.endpoint(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
-
-
-async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[dict[str, str], bytes]:
+async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[RawHeaders, bytes]:
     """Add `score_increase` to the caller's own score, the checks in the contract's order:
     the response's headers and body, or ApiError."""
     refuse_declared_oversize(head, MAX_BODY_BYTES)
@@ -154,23 +158,23 @@ async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[dict[
         raise not_ready()
     headers = rate_headers(ctx, result)
     if status is Status.RATE_LIMITED:
-        raise ApiError(429, "too many score updates: retry after the Retry-After delay", headers)
+        raise _refusal(429, "too many score updates: retry after the Retry-After delay", headers)
     if status is Status.UNKNOWN_USER:
-        raise ApiError(404, f"user {update.user_id!r} not found", headers)
+        raise _refusal(404, f"user {update.user_id!r} not found", headers)
     if status is Status.OUT_OF_RANGE:
-        raise ApiError(
+        raise _refusal(
             400,
             f"the new score would exceed {MAX_SCORE} (2^53-1), the largest exact score",
             headers,
         )
     if status is Status.IDEMPOTENCY_MISMATCH:
-        raise ApiError(
+        raise _refusal(
             422, "this Idempotency-Key was already used with a different request body", headers
         )
     if result.flush and ctx.request_flush is not None:
         ctx.request_flush(ctx.schema.for_user(update.user_id).index)
     if status is Status.REPLAY:
-        headers["Idempotent-Replayed"] = "true"
+        headers.append((b"idempotent-replayed", b"true"))
     reply = ScoreUpdated(
         message="Score updated successfully.",
         user_id=update.user_id,

@@ -29,7 +29,7 @@ import uuid_utils
 
 from service.batching import NO_WAIT, Replication, auto_pipeline
 from service.connections import SOCKET_TIMEOUT_S
-from service.keys import KeySchema, PartitionKeys, stored_idempotency_key
+from service.keys import KeySchema, PartitionKeys, partition_of, stored_idempotency_key
 from service.settings import MAX_SCORE, Settings
 from service.shipped import LUA_DIR
 
@@ -149,12 +149,14 @@ def prepare_submit(
     SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment; its
     Idempotency-Keys are the operators' own, apart from the player's.
     """
-    p = schema.for_user(user_id)
+    p, (leaderboard, events, top, flush_flag, ready) = _partition_keys(
+        schema, partition_of(user_id, schema.partitions)
+    )
     stored_key = (
         stored_idempotency_key(idempotency_key, operator=operator) if idempotency_key else ""
     )
     idem = p.idempotency(user_id, stored_key)
-    keys = [p.leaderboard, p.rate(user_id), idem, p.events, p.top, p.flush_flag, p.ready]
+    keys = [leaderboard, p.rate(user_id), idem, events, top, flush_flag, ready]
     args: list[str | int] = [
         user_id,
         delta,
@@ -163,6 +165,15 @@ def prepare_submit(
         _operator_settings(settings) if operator else _player_settings(settings),
     ]
     return Call("submit_score", keys, args, parse_submit)
+
+
+@lru_cache(maxsize=1024)  # the same few for every call of a process: named once each
+def _partition_keys(
+    schema: KeySchema, index: int
+) -> tuple[PartitionKeys, tuple[str, str, str, str, str]]:
+    """A partition and the names of its keys that are the same for every user."""
+    p = schema.partition(index)
+    return p, (p.leaderboard, p.events, p.top, p.flush_flag, p.ready)
 
 
 @lru_cache(maxsize=64)  # a process makes two: formatted once each, not per call

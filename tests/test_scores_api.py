@@ -536,3 +536,41 @@ def test_an_idempotency_key_reused_with_another_body_is_422(
     )
     assert_problem(resp, 422, "Idempotency-Key")
     assert snapshot() == before
+
+
+# ---- what the middleware would add (service.front) ------------------------------------
+
+
+def test_the_request_id_comes_back_on_answers_and_refusals(client, add_users, token) -> None:
+    (alice,) = add_users(count=1)
+    body = {"user_id": alice, "score_increase": 1}
+    given = client.post(URL, json=body, headers={**bearer(token(alice)), "X-Request-ID": "g-1"})
+    assert given.status_code == 200 and given.headers["x-request-id"] == "g-1"
+    made = client.post(URL, json=body, headers=bearer(token(alice)))
+    refused = client.post(URL, json=body)
+    assert refused.status_code == 401
+    ids = {made.headers["x-request-id"], refused.headers["x-request-id"]}
+    assert len(ids) == 2 and all(len(i) == 24 for i in ids)
+
+
+def test_a_bug_on_the_hot_path_is_a_logged_500_problem(
+    client, add_users, token, r, snapshot, caplog
+) -> None:
+    (alice,) = add_users(count=1)
+    ctx = client.app.state.ctx  # type: ignore[attr-defined]
+
+    async def broken(call: object) -> object:
+        raise RuntimeError("a bug")
+
+    ctx.scripts.submit = broken  # an injected fault: no input makes the real one fail so
+    before = snapshot()
+    reply = client.post(
+        URL,
+        json={"user_id": alice, "score_increase": 1},
+        headers={**bearer(token(alice)), "X-Request-ID": "bug-1"},
+    )
+    assert_problem(reply, 500)
+    assert "a bug" not in reply.text  # nothing internal is disclosed
+    assert reply.headers["x-request-id"] == "bug-1"
+    assert any(rec.exc_info and "a bug" in str(rec.exc_info[1]) for rec in caplog.records)
+    assert snapshot() == before

@@ -1,0 +1,82 @@
+"""The application uvicorn serves: the Starlette app, with POST /api/v1/score taken before
+its middleware stack.
+
+A player's update is nearly all of the traffic, and as layers of their own, the middleware
+(the request id, the drain, the concurrency limit, Starlette's error middleware) and the
+router took a tenth of a service worker's time per update (`python -m bench.profile`). The
+hot path does their work inline, with the same pieces (service.request_id,
+service.concurrency's Slots); the endpoint answers its own errors, 500 included. A request
+that CORS must answer (SCORE_CORS_ORIGINS set, and an Origin header) takes the whole stack,
+as does every other request.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.types import Receive, Scope, Send
+
+from service.concurrency import Slots
+from service.logs import REQUEST_ID
+from service.request_id import HEADER, log_access, request_id_of
+from service.scores import PATH, ScoreEndpoint
+
+CLOSE = (b"connection", b"close")
+
+
+class ScoreApp(Starlette):
+    """A Starlette app whose POST /api/v1/score skips the middleware (see the module)."""
+
+    def __init__(
+        self, *, score: ScoreEndpoint, slots: Slots, cors: bool, access_log: bool, **app: Any
+    ) -> None:
+        super().__init__(**app)
+        self._score = score
+        self._slots = slots
+        self._cors = cors
+        self._access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == PATH
+            and scope["method"] == "POST"
+            and not (self._cors and _has_origin(scope))
+        ):
+            scope["app"] = self
+            await self._hot(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _hot(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """What RequestId, CloseWhileDraining and ConcurrencyLimit do, for the hot path."""
+        request_id = request_id_of(scope)
+        extra = [(HEADER, request_id.encode("ascii"))]
+        ctx = getattr(self.state, "ctx", None)
+        if ctx is not None and ctx.draining:
+            extra.append(CLOSE)
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status = 503
+        slots = self._slots
+        try:
+            if slots.active >= slots.limit:
+                refusal = slots.refusal()
+                refusal.raw_headers += extra
+                await refusal(scope, receive, send)
+                return
+            slots.active += 1
+            try:
+                status = await self._score.serve(scope, receive, send, extra)
+            finally:
+                slots.active -= 1
+        finally:
+            if self._access_log:
+                log_access(scope, status, started)
+            REQUEST_ID.reset(token)
+
+
+def _has_origin(scope: Scope) -> bool:
+    return any(name == b"origin" for name, _ in scope["headers"])
