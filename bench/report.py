@@ -193,6 +193,11 @@ def markdown(r: dict[str, Any]) -> str:
     durability = _get(r, "durability", "summary") or {}
     for mode, s in durability.items():
         lines.append(f"\nappendfsync {mode}: {s['rps']:,.0f} req/s, p99 {_ms(s['p99_ms'])} ms.")
+    for mode, s in (_get(r, "durability", "paced at half the max") or {}).items():
+        lines.append(
+            f"\nappendfsync {mode}, paced at half the max rate: {s['rps']:,.0f} req/s, p50 "
+            f"{_ms(s['p50_ms'])} ms, p99 {_ms(s['p99_ms'])} ms."
+        )
     for level in _get(r, "fanout", "levels") or []:
         lines.append(
             f"\nFan-out to {level['clients']:,} clients: last client p50 "
@@ -261,6 +266,14 @@ def _cpu_lines(r: dict[str, Any]) -> list[str]:
             "workers. "
             f"CPU per request puts ours at {bare['total'] / ours['total']:.2f}x the bare app, a "
             f"ratio other load on the machine does not blur."
+        )
+    floor = cpu.get("floor", {}).get("cpu_us_per_request")
+    if floor and bare and bare.get("bare workers"):
+        lines.append(
+            f"\nThe bare app waiting on Redis once per request (a PING through the service's "
+            f"auto-pipeline) spends {floor['floor workers']:.0f} us per request in its workers, "
+            f"{floor['floor workers'] / bare['bare workers']:.2f}x the bare app's, before any of "
+            f"the hot path's own work."
         )
     return lines
 

@@ -123,28 +123,44 @@ def write_path(r: Run) -> dict[str, Any]:
             log("write path: ours, bare Starlette, naive Postgres, side by side")
             out = scenarios.compare(targets, scenarios.CONCURRENCIES, duration, r.plan.rounds)
         log("CPU per request, process by process")
-        out["cpu"] = {
+        cpu = {
             "ours": scenarios.cpu_breakdown(r.ours, stack_trees(r.main, r.pg), duration),
             "bare": scenarios.cpu_breakdown(targets[1], {"bare workers": bare.pid}, duration),
         }
-        return out
+        out["cpu"] = cpu
     finally:
         bare.stop()
+    env = dict(os.environ, BENCH_REDIS_URL=r.main.redis_url)
+    floor = http_server("floor", uvicorn_args("bench.bare_app:create_floor_app", workers), env,
+                        r.root / "floor.log", "/readyz")  # fmt: skip
+    try:
+        target = scenarios.Target("floor", floor.base, r.main.tokens_file, None)
+        cpu["floor"] = scenarios.cpu_breakdown(target, {"floor workers": floor.pid}, duration)
+    finally:
+        floor.stop()
+    return out
 
 
 def paced(r: Run) -> list[dict[str, object]]:
-    summary = r.results.get("write_path", {}).get("summary", {})
+    log("paced: fractions of the maximum rate")
+    return scenarios.paced(r.ours, _max_rps(r), r.plan.duration_s)
+
+
+def _max_rps(r: Run) -> float:
+    """Our write path's rate at 64 connections: from the write path's runs, else measured."""
+    summary = r.results.setdefault("write_path", {}).setdefault("summary", {})
     if "ours@64" not in summary:
         summary["ours@64"] = scenarios.summarise([scenarios.load(r.ours, 64, r.plan.duration_s)])
-    log("paced: fractions of the maximum rate")
-    return scenarios.paced(r.ours, summary["ours@64"]["rps"], r.plan.duration_s)
+    return float(summary["ours@64"]["rps"])
 
 
 def durability(r: Run) -> dict[str, object]:
-    log("durability: appendfsync always vs everysec")
+    log("durability: appendfsync always vs everysec, saturated and at half the max rate")
     client = r.main.client()
     try:
-        return scenarios.durability(r.ours, client, r.plan.duration_s, r.plan.rounds)
+        return scenarios.durability(
+            r.ours, client, r.plan.duration_s, r.plan.rounds, _max_rps(r) / 2
+        )
     finally:
         client.close()
 
