@@ -58,7 +58,7 @@ class ScoreApp(Starlette):
         if ctx is not None and ctx.draining:
             extra.append(CLOSE)
         token = REQUEST_ID.set(request_id)
-        started = time.perf_counter()
+        started = time.perf_counter() if self._access_log else 0.0
         status = 503
         slots = self._slots
         try:
