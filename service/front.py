@@ -59,11 +59,11 @@ class ScoreApp(Starlette):
             extra.append(CLOSE)
         token = REQUEST_ID.set(request_id)
         started = time.perf_counter() if self._access_log else 0.0
-        status = 503
+        status = 0  # no response (as RequestId logs it)
         slots = self._slots
         try:
             if slots.active >= slots.limit:
-                refusal = slots.refusal()
+                status, refusal = 503, slots.refusal()
                 refusal.raw_headers += extra
                 await refusal(scope, receive, send)
                 return

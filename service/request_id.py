@@ -7,8 +7,9 @@ contextvar, read by service.logs.RequestIdFilter). With SCORE_ACCESS_LOG=1, one 
 request (method, path, status, duration, request id) goes to the `score_service.access`
 logger.
 
-Pure ASGI, not Starlette's BaseHTTPMiddleware: the hot path pays one wrapped `send` and a
-scan of the request's headers, no extra task or body copy.
+Pure ASGI, not Starlette's BaseHTTPMiddleware: a request pays one wrapped `send` and a scan
+of its headers, no extra task or body copy. POST /api/v1/score does the same without the
+middleware (service.front), with `request_id_of` and `log_access`.
 """
 
 from __future__ import annotations

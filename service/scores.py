@@ -32,6 +32,10 @@ from service.scripts import Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
 from service.tally import CountTally, HistogramTally
 
+log = logging.getLogger(__name__)
+RawHeaders = list[tuple[bytes, bytes]]
+"""A response's headers as ASGI sends them: lower-case names, latin-1 bytes."""
+
 RESPONSES = Counter(
     "score_update_responses", "POST /api/v1/score responses by status code", ["status"]
 )
@@ -54,10 +58,6 @@ REDIS_LATENCY = HistogramTally(
 )
 
 MAX_BODY_BYTES = 4096
-log = logging.getLogger(__name__)
-
-
-RawHeaders = list[tuple[bytes, bytes]]
 
 
 def rate_headers(ctx: Context, result: SubmitResult) -> RawHeaders:
@@ -95,9 +95,7 @@ class ScoreEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.serve(scope, receive, send, [])
 
-    async def serve(
-        self, scope: Scope, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
-    ) -> int:
+    async def serve(self, scope: Scope, receive: Receive, send: Send, extra: RawHeaders) -> int:
         """Answer the request, `extra` headers added to the response: its status."""
         started = time.perf_counter()
         try:
