@@ -55,6 +55,8 @@ def create_floor_app() -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = aioredis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
         app.state.pipeline = AutoPipeline.for_client(client, timeout=5.0)
+        if app.state.pipeline is None:  # every request would answer 500: measure nothing
+            raise RuntimeError(f"no auto-pipeline for {os.environ['BENCH_REDIS_URL']}")
         yield
         await client.aclose()
 

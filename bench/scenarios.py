@@ -145,14 +145,17 @@ def durability(
             for mode in ("always", "everysec"):
                 client.config_set("appendfsync", mode)
                 by[mode].append(load(target, SATURATED, duration_s))
-                by[f"{mode}, paced"].append(load_at(target, half_rps, duration_s))
+                if half_rps > 0:  # else the write path answered nothing: no rate to pace at
+                    by[f"{mode}, paced"].append(load_at(target, half_rps, duration_s))
     finally:
         client.config_set("appendfsync", configured)
     saturated = {mode: by[mode] for mode in ("always", "everysec")}
     return {
         "summary": {mode: summarise(runs) for mode, runs in saturated.items()},
         "paced at half the max": {
-            mode: summarise(by[f"{mode}, paced"]) for mode in ("always", "everysec")
+            mode: summarise(by[f"{mode}, paced"])
+            for mode in ("always", "everysec")
+            if by[f"{mode}, paced"]
         },
         "always/everysec": max(r.rps for r in by["always"]) / max(r.rps for r in by["everysec"]),
         "always/everysec median": ratio(by["always"], by["everysec"]),

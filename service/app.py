@@ -114,7 +114,7 @@ def create_app(
 
     score = ScoreEndpoint()
     routes = [
-        # most of its POSTs are taken before the middleware (ScoreApp): the others come here
+        # its POSTs are taken before the middleware (ScoreApp), but with CORS configured
         Route(SCORE_PATH, score, methods=["POST"]),
         Route("/api/v1/leaderboard", get_leaderboard, methods=["GET"]),
         Route("/api/v1/users/{user_id:path}", get_user, methods=["GET"]),

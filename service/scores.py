@@ -88,9 +88,9 @@ class ScoreEndpoint:
     """The route's ASGI app, without the Request and Response objects a function endpoint
     gets: the hot path reads the four headers it needs in one pass and sends one prepared
     header list. It answers every request itself: a refusal as the app's ApiError handler
-    would, a bug as a logged 500. Most requests come straight from ScoreApp
-    (service.front), which passes the headers the middleware would have added; one that
-    CORS must answer comes through the middleware and the router, with none."""
+    would, a bug as a logged 500. Requests come straight from ScoreApp (service.front),
+    which passes the headers the middleware would have added, or, with CORS configured,
+    through the middleware and the router, with none."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.serve(scope, receive, send, [])

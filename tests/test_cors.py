@@ -102,6 +102,21 @@ def test_a_cross_origin_post_can_read_its_result_and_rate_headers(
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_with_cors_a_post_without_origin_still_says_it_varies_by_origin(
+    cors_client: TestClient, add_users: Any, token: Any
+) -> None:
+    # a cache between a game client and us must not serve it to a page of another origin
+    (alice,) = add_users(count=1)
+    resp = cors_client.post(
+        SCORE,
+        json={"user_id": alice, "score_increase": 1},
+        headers={"Authorization": f"Bearer {token(alice)}"},
+    )
+    assert resp.status_code == 200, resp.text
+    assert "origin" in resp.headers["vary"].lower()
+    assert "access-control-allow-origin" not in resp.headers
+
+
 def test_the_live_endpoints_check_the_same_list(cors_client: TestClient, add_users: Any) -> None:
     add_users(count=1)
     with cors_client.websocket_connect("/api/v1/leaderboard/ws", headers={"Origin": GAME}) as ws:
