@@ -19,11 +19,11 @@ from starlette.applications import Starlette
 from starlette.types import Receive, Scope, Send
 
 from service.concurrency import Slots
+from service.live.going_away import CLOSE, draining
 from service.logs import REQUEST_ID
-from service.request_id import HEADER, log_access, request_id_of
+from service.request_id import HEADER, log_access, sane_or_new
+from service.requests import Head
 from service.scores import PATH, ScoreEndpoint
-
-CLOSE = (b"connection", b"close")
 
 
 class ScoreApp(Starlette):
@@ -51,11 +51,12 @@ class ScoreApp(Starlette):
             await super().__call__(scope, receive, send)
 
     async def _hot(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """What RequestId, CloseWhileDraining and ConcurrencyLimit do, for the hot path."""
-        request_id = request_id_of(scope)
+        """What RequestId, CloseWhileDraining and ConcurrencyLimit do, for the hot path (the
+        request's headers read once, by the endpoint's Head)."""
+        head = Head.of(scope)
+        request_id = sane_or_new(head.request_id)
         extra = [(HEADER, request_id.encode("ascii"))]
-        ctx = getattr(self.state, "ctx", None)
-        if ctx is not None and ctx.draining:
+        if draining(scope):
             extra.append(CLOSE)
         token = REQUEST_ID.set(request_id)
         started = time.perf_counter() if self._access_log else 0.0
@@ -69,7 +70,7 @@ class ScoreApp(Starlette):
                 return
             slots.active += 1
             try:
-                status = await self._score.serve(scope, receive, send, extra)
+                status = await self._score.serve(scope, head, receive, send, extra)
             finally:
                 slots.active -= 1
         finally:

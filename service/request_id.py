@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.logs import REQUEST_ID
 
 HEADER = b"x-request-id"
-_SANE = re.compile(rb"[\x21-\x7e]{1,128}")
+_SANE = re.compile(r"[\x21-\x7e]{1,128}")
 access = logging.getLogger("score_service.access")
 # A new id: this process's random prefix and a counter, 24 hex digits, unique across
 # processes and hosts without a system call per request (os.urandom costs one).
@@ -42,8 +42,13 @@ def request_id_of(scope: Scope) -> str:
     """The request's id: its sane `X-Request-ID`, else a new one."""
     for name, value in scope["headers"]:
         if name == HEADER:
-            return value.decode("ascii") if _SANE.fullmatch(value) else new_id()
+            return sane_or_new(value.decode("latin-1"))
     return new_id()
+
+
+def sane_or_new(given: str | None) -> str:
+    """`given` (a request's X-Request-ID) if it is a sane id, else a new one."""
+    return given if given is not None and _SANE.fullmatch(given) else new_id()
 
 
 def log_access(scope: Scope, status: int, started: float) -> None:

@@ -32,6 +32,7 @@ class Head:
     content_length: str | None = None
     content_type: str | None = None
     idempotency_key: str | None = None
+    request_id: str | None = None  # X-Request-ID, as sent (service.request_id checks it)
 
     @classmethod
     def of(cls, scope: Scope) -> Head:
@@ -48,6 +49,7 @@ _HEAD_FIELDS = {
     b"content-length": "content_length",
     b"content-type": "content_type",
     b"idempotency-key": "idempotency_key",
+    b"x-request-id": "request_id",
 }
 
 

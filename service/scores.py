@@ -93,13 +93,16 @@ class ScoreEndpoint:
     through the middleware and the router, with none."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.serve(scope, receive, send, [])
+        await self.serve(scope, Head.of(scope), receive, send, [])
 
-    async def serve(self, scope: Scope, receive: Receive, send: Send, extra: RawHeaders) -> int:
-        """Answer the request, `extra` headers added to the response: its status."""
+    async def serve(
+        self, scope: Scope, head: Head, receive: Receive, send: Send, extra: RawHeaders
+    ) -> int:
+        """Answer the request (`head`: its headers), `extra` headers added to the response:
+        its status."""
         started = time.perf_counter()
         try:
-            headers, body = await _post_score(scope["app"].state.ctx, Head.of(scope), receive)
+            headers, body = await _post_score(scope["app"].state.ctx, head, receive)
         except ApiError as exc:
             status, detail, more = exc.status, exc.detail, exc.headers
         except Exception:

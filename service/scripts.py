@@ -327,21 +327,20 @@ class Scripts:
         keys = self._submit.checked(call.keys)
         if self._pipeline is None:  # a fake client (tests)
             return parse_submit(await self._submit.script(keys=keys, args=call.args))
-        if self._functions:
-            fcall = ("FCALL", self._function, len(keys), *keys, *call.args)
+        fcall = ("FCALL", self._function, len(keys), *keys, *call.args)
+        for loaded in (False, True):  # as it is; then once more, the library loaded
+            if not self._functions:
+                break
             try:
                 return parse_submit(await self._pipeline.execute(*fcall))
             except redis.exceptions.ResponseError as exc:
                 if not _did_not_run(exc):
                     raise
-            if await self._load_function():
-                try:
-                    return parse_submit(await self._pipeline.execute(*fcall))
-                except redis.exceptions.ResponseError as exc:
-                    if not _did_not_run(exc):
-                        raise
+                if loaded:
                     log.warning("FCALL refused once loaded (%s): submit_score by EVALSHA", exc)
                     self._functions = False
+                else:
+                    await self._load_function()  # or learn there are none: EVALSHA below
         sha = self._submit.script.sha
         try:
             reply = await self._pipeline.execute("EVALSHA", sha, len(keys), *keys, *call.args)
@@ -352,10 +351,10 @@ class Scripts:
             reply = await self._pipeline.execute("EVAL", body, len(keys), *keys, *call.args)
         return parse_submit(reply)
 
-    async def _load_function(self) -> bool:
+    async def _load_function(self) -> None:
         """Load the library (into every primary of a cluster), once for all the calls that
-        found it missing at the same time: whether Functions are to be used. A Redis that
-        has no FUNCTION command, or refuses it, gets EVALSHA from now on."""
+        found it missing at the same time. A Redis that has no FUNCTION command, or refuses
+        it, gets EVALSHA from now on (`_functions` False)."""
         if self._loading is None or self._loading.done():
             self._loading = asyncio.ensure_future(self._client.function_load(self._library, True))
         try:
@@ -366,7 +365,6 @@ class Scripts:
             elif self._functions:
                 log.warning("Redis refused FUNCTION LOAD (%s): submit_score by EVALSHA", exc)
             self._functions = False
-        return self._functions
 
     async def run(self, call: Call[T]) -> T:
         """Run `call` on its own (off the hot path), like `SyncScripts.run`."""

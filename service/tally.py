@@ -50,20 +50,18 @@ class HistogramTally:
         self._buckets = child._buckets
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
-        self._observed = False
         _tallies.append(self)
 
     def observe(self, amount: float) -> None:
         # the first bucket whose bound is >= amount: Histogram.observe's own choice
         self._counts[bisect_left(self._bounds, amount)] += 1
         self._sum += amount
-        self._observed = True
 
     def flush(self) -> None:
-        if not self._observed:
+        if not any(self._counts):
             return
         counts, total = self._counts, self._sum
-        self._counts, self._sum, self._observed = [0] * len(self._bounds), 0.0, False
+        self._counts, self._sum = [0] * len(self._bounds), 0.0
         for bucket, count in zip(self._buckets, counts, strict=True):
             if count:
                 bucket.inc(count)

@@ -547,10 +547,11 @@ def test_the_request_id_comes_back_on_answers_and_refusals(client, add_users, to
     given = client.post(URL, json=body, headers={**bearer(token(alice)), "X-Request-ID": "g-1"})
     assert given.status_code == 200 and given.headers["x-request-id"] == "g-1"
     made = client.post(URL, json=body, headers=bearer(token(alice)))
+    insane = client.post(URL, json=body, headers={**bearer(token(alice)), "X-Request-ID": "a b"})
     refused = client.post(URL, json=body)
     assert refused.status_code == 401
-    ids = {made.headers["x-request-id"], refused.headers["x-request-id"]}
-    assert len(ids) == 2 and all(len(i) == 24 for i in ids)
+    ids = {r.headers["x-request-id"] for r in (made, insane, refused)}
+    assert len(ids) == 3 and all(len(i) == 24 for i in ids)
 
 
 def test_a_bug_on_the_hot_path_is_a_logged_500_problem(

@@ -110,7 +110,11 @@ def stop_listening(handler: object) -> None:
             listener.close()
 
 
-def _draining(scope: Scope) -> bool:
+CLOSE = (b"connection", b"close")
+
+
+def draining(scope: Scope) -> bool:
+    """Whether the app of this request is draining (every response says Connection: close)."""
     ctx: Context | None = getattr(scope["app"].state, "ctx", None) if "app" in scope else None
     return ctx is not None and ctx.draining
 
@@ -123,14 +127,14 @@ class CloseWhileDraining:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _draining(scope):
+        if scope["type"] != "http" or not draining(scope):
             await self.app(scope, receive, send)  # `receive` as it is: see subscribers.wire_of
             return
 
         async def closing(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", ()) if k != b"connection"]
-                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+                message = {**message, "headers": [*headers, CLOSE]}
             await send(message)
 
         await self.app(scope, receive, closing)
