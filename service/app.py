@@ -59,6 +59,7 @@ def create_app(
     """The service. `rebuild` restores an empty Redis from Postgres before it reports ready;
     `request_flush` asks the persister to drain a partition's events."""
     live = Broadcaster(settings, KeySchema(settings.partitions))  # the live leaderboard
+    score = ScoreEndpoint()  # POST /api/v1/score, given its context by the lifespan
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -87,6 +88,7 @@ def create_app(
             request_flush=request_flush,
         )
         app.state.ctx = ctx
+        score.ctx = ctx
         if ctx.auth.jwks is not None:
             await ctx.auth.jwks.start()
         with contextlib.suppress(redis.exceptions.RedisError, LayoutMismatch):
@@ -112,7 +114,6 @@ def create_app(
             await reads.aclose()
             process_exits()  # `serve --workers N`: this worker's live gauges go with it
 
-    score = ScoreEndpoint()
     routes = [
         # its POSTs are taken before the middleware (ScoreApp), but with CORS configured
         Route(SCORE_PATH, score, methods=["POST"]),

@@ -121,8 +121,12 @@ class AutoPipeline:
             return None
         return cls(client, timeout, replication)
 
-    async def execute(self, *args: str | bytes | int | float, asking: bool = False) -> Any:
-        """Run one command; its reply, or the exception its error reply maps to.
+    def execute(
+        self, *args: str | bytes | int | float, asking: bool = False
+    ) -> asyncio.Future[Any]:
+        """Queue one command: a future of its reply, or of the exception its error reply maps
+        to. A future, not a coroutine: on the hot path every level of coroutines between the
+        request's task and this future is run again when the reply comes.
 
         `asking`: preceded by ASKING, in the same write (a cluster's slot being migrated)."""
         loop = asyncio.get_running_loop()
@@ -133,7 +137,7 @@ class AutoPipeline:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return await future
+        return future
 
     def _flush(self) -> None:
         self._flush_scheduled = False

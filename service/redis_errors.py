@@ -56,10 +56,14 @@ def _unavailable(detail: str) -> ApiError:
     return ApiError(503, detail, {"Retry-After": str(RETRY_AFTER_S)})
 
 
+REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+"""What a call to Redis can raise: `except REDIS_ERRORS as exc: raise answer(exc) from None`
+(the hot path's form of `redis_unavailable`)."""
+
+
 class redis_unavailable:  # lower case: used as `async with redis_unavailable():`
     """Turn every Redis error inside the block into ApiError(503) with Retry-After (see
-    `_answer`). A class, not an @asynccontextmanager: the hot path enters it once per
-    update, and a generator-based one cost a percent of a worker."""
+    `answer`)."""
 
     async def __aenter__(self) -> None:
         return None
@@ -67,11 +71,11 @@ class redis_unavailable:  # lower case: used as `async with redis_unavailable():
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if isinstance(exc, (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)):
-            raise _answer(exc) from None
+        if isinstance(exc, REDIS_ERRORS):
+            raise answer(exc) from None
 
 
-def _answer(
+def answer(
     exc: redis.exceptions.RedisError | redis.exceptions.RedisClusterException,
 ) -> ApiError:
     """The 503 (with Retry-After) that a Redis error on a client's request is answered with.

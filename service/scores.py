@@ -16,10 +16,12 @@ import msgspec
 from prometheus_client import Counter, Histogram
 from starlette.types import Receive, Scope, Send
 
+from service.auth import Principal
 from service.context import Context
 from service.errors import SERVER_ERROR, ApiError, problem
 from service.models import ScoreUpdate, ScoreUpdated, encoder, score_update_decoder
-from service.redis_errors import not_ready, redis_unavailable, refuse_until_ready
+from service.redis_errors import REDIS_ERRORS, not_ready, refuse_until_ready
+from service.redis_errors import answer as redis_answer
 from service.requests import (
     Head,
     authenticate,
@@ -28,7 +30,7 @@ from service.requests import (
     read_body,
     refuse_declared_oversize,
 )
-from service.scripts import Status, SubmitResult, prepare_submit
+from service.scripts import Call, Status, SubmitResult, prepare_submit
 from service.settings import MAX_SCORE
 from service.tally import CountTally, HistogramTally
 
@@ -90,7 +92,15 @@ class ScoreEndpoint:
     header list. It answers every request itself: a refusal as the app's ApiError handler
     would, a bug as a logged 500. Requests come straight from ScoreApp (service.front),
     which passes the headers the middleware would have added, or, with CORS configured,
-    through the middleware and the router, with none."""
+    through the middleware and the router, with none.
+
+    Between the request's task and the reply from Redis there are as few coroutines as it
+    takes (ScoreApp, `serve`, `Scripts.submit`): each level is run again when the reply
+    comes, and the checks around the call are plain functions."""
+
+    def __init__(self) -> None:
+        self.ctx: Context | None = None
+        """The app's context, once its lifespan has made it (service.app)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.serve(scope, Head.of(scope), receive, send, [])
@@ -98,11 +108,25 @@ class ScoreEndpoint:
     async def serve(
         self, scope: Scope, head: Head, receive: Receive, send: Send, extra: RawHeaders
     ) -> int:
-        """Answer the request (`head`: its headers), `extra` headers added to the response:
-        its status."""
+        """Add `score_increase` to the caller's own score (`head`: the request's headers),
+        `extra` headers added to the response: its status. The checks in the contract's
+        order (the module's docstring)."""
         started = time.perf_counter()
         try:
-            headers, body = await _post_score(scope["app"].state.ctx, head, receive)
+            ctx = self.ctx
+            if ctx is None:
+                raise RuntimeError("the app's lifespan has not started")
+            refuse_declared_oversize(head, MAX_BODY_BYTES)
+            principal = ctx.auth.known(head.authorization) or await authenticate(ctx, head)
+            body = await read_body(ctx, head, receive, MAX_BODY_BYTES)
+            update, call = _checked(ctx, head, principal, body)
+            sent = time.perf_counter()
+            try:
+                result = await ctx.scripts.submit(call)
+            except REDIS_ERRORS as exc:
+                raise redis_answer(exc) from None
+            REDIS_LATENCY.observe(time.perf_counter() - sent)
+            headers, body = _reply(ctx, update, result)
         except ApiError as exc:
             status, detail, more = exc.status, exc.detail, exc.headers
         except Exception:
@@ -127,12 +151,11 @@ _JSON_HEAD = [(b"content-type", b"application/json")]
 PATH = "/api/v1/score"
 
 
-async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[RawHeaders, bytes]:
-    """Add `score_increase` to the caller's own score, the checks in the contract's order:
-    the response's headers and body, or ApiError."""
-    refuse_declared_oversize(head, MAX_BODY_BYTES)
-    principal = await authenticate(ctx, head)
-    body = await read_body(ctx, head, receive, MAX_BODY_BYTES)
+def _checked(
+    ctx: Context, head: Head, principal: Principal, body: bytes
+) -> tuple[ScoreUpdate, Call[SubmitResult]]:
+    """The request's checks after the token and before Redis (body, Idempotency-Key, token
+    user = body user, readiness): the update and its call, or ApiError."""
     update: ScoreUpdate = decode_json(head, body, score_update_decoder)
     if update.score_increase > ctx.settings.max_increase:
         raise ApiError(
@@ -141,7 +164,6 @@ async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[RawHe
     key = idempotency_key(head)
     if principal.user_id != update.user_id:
         raise ApiError(403, "the token belongs to another user than the body's user_id")
-
     call = prepare_submit(
         ctx.settings,
         ctx.schema,
@@ -150,10 +172,11 @@ async def _post_score(ctx: Context, head: Head, receive: Receive) -> tuple[RawHe
         idempotency_key=key,
     )
     refuse_until_ready(ctx)
-    async with redis_unavailable():
-        sent = time.perf_counter()
-        result = await ctx.scripts.submit(call)
-        REDIS_LATENCY.observe(time.perf_counter() - sent)
+    return update, call
+
+
+def _reply(ctx: Context, update: ScoreUpdate, result: SubmitResult) -> tuple[RawHeaders, bytes]:
+    """The response's headers and body for what Redis said, or ApiError for a refusal."""
     status = result.status
     if status is Status.NOT_READY:
         raise not_ready()

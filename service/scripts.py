@@ -58,6 +58,9 @@ class Status(IntEnum):
     """The partition's ready marker is missing (a new or wiped Redis): 503 until rebuilt."""
 
 
+_STATUSES = tuple(Status)  # by code: indexing it is a tenth of Status(code)
+
+
 class SubmitResult(msgspec.Struct, frozen=True):
     """The fixed-shape reply of submit_score."""
 
@@ -149,13 +152,14 @@ def prepare_submit(
     SCORE_MAX_INCREASE cap, so a reconciliation can correct any drift in one adjustment; its
     Idempotency-Keys are the operators' own, apart from the player's.
     """
-    p, (leaderboard, events, top, flush_flag, ready) = _partition_keys(
+    p, (leaderboard, events, top, flush_flag, ready, no_idem) = _partition_keys(
         schema, partition_of(user_id, schema.partitions)
     )
-    stored_key = (
-        stored_idempotency_key(idempotency_key, operator=operator) if idempotency_key else ""
-    )
-    idem = p.idempotency(user_id, stored_key)
+    if idempotency_key:
+        stored_key = stored_idempotency_key(idempotency_key, operator=operator)
+        idem = p.idempotency(user_id, stored_key)
+    else:
+        stored_key, idem = "", no_idem
     keys = [leaderboard, p.rate(user_id), idem, events, top, flush_flag, ready]
     args: list[str | int] = [
         user_id,
@@ -170,10 +174,12 @@ def prepare_submit(
 @lru_cache(maxsize=1024)  # the same few for every call of a process: named once each
 def _partition_keys(
     schema: KeySchema, index: int
-) -> tuple[PartitionKeys, tuple[str, str, str, str, str]]:
-    """A partition and the names of its keys that are the same for every user."""
+) -> tuple[PartitionKeys, tuple[str, str, str, str, str, str]]:
+    """A partition and the names of its keys that are the same for every user; the last is
+    KEYS[3] of a call without an Idempotency-Key, which the script does not touch (a name in
+    the partition's hash slot, as every key of a call must be on a Redis Cluster)."""
     p = schema.partition(index)
-    return p, (p.leaderboard, p.events, p.top, p.flush_flag, p.ready)
+    return p, (p.leaderboard, p.events, p.top, p.flush_flag, p.ready, p.idempotency("", ""))
 
 
 @lru_cache(maxsize=64)  # a process makes two: formatted once each, not per call
@@ -212,7 +218,7 @@ def _operator_settings(s: Settings) -> str:
 def parse_submit(reply: list[Any]) -> SubmitResult:
     """Turn the raw reply into a SubmitResult (bytes -> str for the version)."""
     return SubmitResult(
-        Status(reply[0]),
+        _STATUSES[reply[0]],
         int(reply[1]),
         int(reply[2]),
         int(reply[3]),
